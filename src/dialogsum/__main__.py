@@ -1,0 +1,3 @@
+from dialogsum.cli import app
+
+app(prog_name="dialogsum")

@@ -1,0 +1,281 @@
+"""Typed configuration: one pydantic schema for models and pipelines, one YAML registry of models.
+
+Every config file is validated against a schema that forbids unknown keys; errors name the file and the key.
+Model names resolve by canonical name or declared alias, ignoring case and `-`/`_`/`.` differences. There is
+no guessing from file names: the registry is the set of `name:` fields of the files in `configs/models/`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# Module names a LoRA adapter may target, per architecture family (the names that exist in that family).
+LORA_TARGETS_BY_FAMILY: dict[str, frozenset[str]] = {
+    "bart": frozenset({"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}),
+    "llama": frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+    "qwen3": frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+    "gpt_neox": frozenset({"query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"}),
+}
+Family = Literal["bart", "llama", "qwen3", "gpt_neox"]
+
+
+class ConfigError(ValueError):
+    """A configuration file or name that cannot be used; the message names the file and key."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False, protected_namespaces=())
+
+
+class Dimensions(StrictModel):
+    """Shape of the network, used for memory estimates before any weight is loaded."""
+
+    hidden_size: int
+    num_layers: int
+    intermediate_size: int
+    vocab_size: int
+
+
+class LoraSettings(StrictModel):
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    targets: list[str]
+
+
+class GenerationSettings(StrictModel):
+    num_beams: int = 4
+    max_new_tokens: int = 100
+    min_new_tokens: int = 1
+    no_repeat_ngram_size: int = 0
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+    do_sample: bool = False
+
+
+class PromptSettings(StrictModel):
+    """How a dialogue becomes model input.
+
+    `seq2seq`: the dialogue is the encoder input. `chat`: the tokenizer's chat template with `system` and
+    `instruction`. `instruction`: the plain `template` (for tokenizers without a chat template).
+    """
+
+    format: Literal["seq2seq", "chat", "instruction"] = "seq2seq"
+    system: str = "당신은 한국어 대화를 요약하는 도우미입니다."
+    instruction: str = "다음 대화를 한두 문장으로 요약하세요. #Person1# 같은 화자 태그는 그대로 쓰세요.\n\n{dialogue}"
+    template: str = "### 대화:\n{dialogue}\n\n### 요약:\n"
+
+
+class TrainingSettings(StrictModel):
+    epochs: int = 3
+    batch_size: int = 8
+    eval_batch_size: int = 16
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    gradient_accumulation_steps: int = 1
+    max_source_length: int = 512
+    max_target_length: int = 128
+    max_grad_norm: float = 1.0
+    group_by_length: bool = True
+    pad_to_max_length: bool = False
+    log_every_n_steps: int = 10
+    best_metric: str = "eval_final"
+    best_metric_mode: Literal["max", "min"] = "max"
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    seed: int = 42
+    gradient_checkpointing: bool = False
+
+
+class TokenizerSettings(StrictModel):
+    """Where the tokenizer comes from: `path` (a folder or hub id); when unset, the model's hub id, or for a
+    config-source model a tokenizer trained from the training data at first use (cached, `vocab_size`)."""
+
+    path: str | None = None
+    vocab_size: int = 4000
+
+
+class ModelConfig(StrictModel):
+    name: str
+    aliases: list[str] = Field(default_factory=list)
+    description: str = ""
+    family: Family
+    task: Literal["seq2seq", "causal"]
+    hub_id: str | None = None
+    source: Literal["hub", "config"] = "hub"
+    architecture: dict[str, Any] | None = None
+    params_billions: float
+    dimensions: Dimensions
+    tokenizer: TokenizerSettings = Field(default_factory=TokenizerSettings)
+    lora: LoraSettings | None = None
+    quantization: Literal["none", "8bit", "4bit"] = "none"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    prompt: PromptSettings = Field(default_factory=PromptSettings)
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> "ModelConfig":
+        if self.source == "hub" and not self.hub_id:
+            raise ValueError("source 'hub' needs hub_id")
+        if self.source == "config" and not self.architecture:
+            raise ValueError("source 'config' needs an architecture (a transformers config as a mapping)")
+        if self.quantization != "none" and self.lora is None:
+            raise ValueError(f"quantization {self.quantization!r} needs a lora section (QLoRA trains adapters only)")
+        if self.task == "seq2seq" and self.prompt.format != "seq2seq":
+            raise ValueError("a seq2seq model takes prompt.format 'seq2seq'")
+        if self.task == "causal" and self.prompt.format == "seq2seq":
+            raise ValueError("a causal model takes prompt.format 'chat' or 'instruction'")
+        return self
+
+    @property
+    def weights_id(self) -> str:
+        """The hub id or local path the weights load from (config-source models build theirs)."""
+        return self.hub_id or f"config:{self.name}"
+
+
+def normalize_name(name: str) -> str:
+    return re.sub(r"[-_.\s]", "", name.lower())
+
+
+def _format_validation_error(path: Path, err: ValidationError) -> str:
+    lines = [f"{path}: invalid configuration"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key (not part of the schema)" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  key '{key}': {msg}")
+    return "\n".join(lines)
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: file not found") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def parse_config(schema: type[BaseModel], data: dict[str, Any], path: Path) -> Any:
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(path, e)) from e
+
+
+def configs_dir() -> Path:
+    """The configs folder: $DIALOGSUM_CONFIGS, else the repository's `configs/`, else the packaged copy."""
+    env = os.environ.get("DIALOGSUM_CONFIGS")
+    if env:
+        return Path(env)
+    repo_configs = Path(__file__).resolve().parents[2] / "configs"
+    if repo_configs.is_dir():
+        return repo_configs
+    return Path(__file__).resolve().parent / "configs"
+
+
+class ModelRegistry:
+    """All model configs of one folder, addressable by canonical name or alias."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.configs: dict[str, ModelConfig] = {}
+        self.sources: dict[str, Path] = {}
+        self._index: dict[str, str] = {}
+        for path in sorted(folder.glob("*.yaml")):
+            cfg = parse_config(ModelConfig, load_yaml(path), path)
+            if path.stem != cfg.name:
+                raise ConfigError(f"{path}: file name must be the canonical name '{cfg.name}.yaml'")
+            self.configs[cfg.name] = cfg
+            self.sources[cfg.name] = path
+            for key in [cfg.name, *cfg.aliases]:
+                norm = normalize_name(key)
+                if norm in self._index and self._index[norm] != cfg.name:
+                    raise ConfigError(f"{path}: name or alias '{key}' already used by '{self._index[norm]}'")
+                self._index[norm] = cfg.name
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.configs)
+
+    def resolve(self, name: str) -> str:
+        canonical = self._index.get(normalize_name(name))
+        if canonical is None:
+            closest = difflib.get_close_matches(normalize_name(name), list(self._index), n=1, cutoff=0.5)
+            hint = f" Closest match: '{self._index[closest[0]]}'." if closest else ""
+            raise ConfigError(f"unknown model '{name}'. Known models: {', '.join(self.names)}.{hint}")
+        return canonical
+
+    def get(self, name: str) -> ModelConfig:
+        return self.configs[self.resolve(name)].model_copy(deep=True)
+
+
+@lru_cache(maxsize=4)
+def _registry_for(folder: str) -> ModelRegistry:
+    return ModelRegistry(Path(folder))
+
+
+def model_registry() -> ModelRegistry:
+    return _registry_for(str(configs_dir() / "models"))
+
+
+def load_model_config(name: str, overrides: dict[str, Any] | None = None) -> ModelConfig:
+    """The named model's config with dotted-key overrides (e.g. {"training.epochs": 2}) applied and validated."""
+    registry = model_registry()
+    cfg = registry.get(name)
+    if not overrides:
+        return cfg
+    data = cfg.model_dump()
+    for dotted, value in overrides.items():
+        _set_dotted(data, dotted, value)
+    return parse_config(ModelConfig, data, registry.sources[cfg.name])
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{key}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_set_options(options: list[str]) -> dict[str, Any]:
+    """`--set key=value` options to a dict; values are parsed as YAML scalars (`2` → int, `true` → bool)."""
+    parsed: dict[str, Any] = {}
+    for option in options:
+        if "=" not in option:
+            raise ConfigError(f"--set '{option}': expected key=value")
+        key, raw = option.split("=", 1)
+        parsed[key.strip()] = yaml.safe_load(raw) if raw else ""
+    return parsed
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {'a.b.c': value}; lists are kept as values."""
+    if not isinstance(data, dict):
+        return {prefix: data}
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name))
+        else:
+            flat[name] = value
+    return flat

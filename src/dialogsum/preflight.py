@@ -1,0 +1,235 @@
+"""Preflight: every check that can fail a model, run before any weight is loaded, in seconds.
+
+Per model: config resolves; LoRA targets exist in the family; the precision policy is valid on this device;
+4-bit/8-bit quantization is supported by the installed bitsandbytes here; the estimated memory fits; the
+weights are reachable (local path, Hugging Face cache, or hub when online: offline answers at once); the data
+files are valid. The network probe runs once per call, bounded to 2 seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlparse
+
+from dialogsum.config import LORA_TARGETS_BY_FAMILY, ConfigError, ModelConfig, load_model_config
+from dialogsum.data import DataError, read_dialogues
+from dialogsum.precision import DeviceInfo, PrecisionError, check_quantization, detect_device, resolve_precision
+
+GIB = 1024**3
+MEMORY_HEADROOM = 0.9  # block when the estimate exceeds this share of available memory
+_BYTES_PER_WEIGHT = {"4bit": 0.55, "8bit": 1.05}  # incl. quantization constants
+_BYTES_PER_DTYPE = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class PreflightError(RuntimeError):
+    """A model that preflight blocks; the message lists every reason."""
+
+
+@dataclass
+class Verdict:
+    model: str
+    ok: bool = True
+    reasons: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    estimate_gib: float | None = None
+    precision: str | None = None
+    config: ModelConfig | None = None
+
+    def block(self, reason: str) -> None:
+        self.ok = False
+        self.reasons.append(reason)
+
+    @property
+    def label(self) -> str:
+        return "ok" if self.ok else "blocked"
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: float
+    trainable_state: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.trainable_state + self.activations
+
+
+def lora_parameter_count(cfg: ModelConfig) -> int:
+    """Trainable LoRA parameters: r × (in + out) per targeted projection per layer."""
+    if cfg.lora is None:
+        return 0
+    d = cfg.dimensions
+    h, i = d.hidden_size, d.intermediate_size
+    shapes = {
+        "q_proj": (h, h), "k_proj": (h, h), "v_proj": (h, h), "o_proj": (h, h), "out_proj": (h, h),
+        "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h), "fc1": (h, i), "fc2": (i, h),
+        "query_key_value": (h, 3 * h), "dense": (h, h), "dense_h_to_4h": (h, i), "dense_4h_to_h": (i, h),
+    }  # fmt: skip
+    per_layer = sum(cfg.lora.r * sum(shapes[t]) for t in cfg.lora.targets if t in shapes)
+    return per_layer * d.num_layers
+
+
+def estimate_memory(cfg: ModelConfig, compute_dtype: str) -> MemoryEstimate:
+    """Training memory in bytes: weights at their precision, trainable state (weights, grads, AdamW moments in
+    fp32: 16 bytes/param), activations (per layer ~34·b·s·h bytes at 16-bit, ~2·b·s·h with checkpointing)
+    plus fp32 logits."""
+    params = cfg.params_billions * 1e9
+    t = cfg.training
+    d = cfg.dimensions
+    dtype_bytes = _BYTES_PER_DTYPE[compute_dtype]
+    if cfg.lora is None:
+        weights = 0.0  # full fine-tuning: the weights are part of the trainable state
+        trainable = params * 16
+    else:
+        embed = 2 * d.vocab_size * d.hidden_size  # embeddings and LM head stay unquantized
+        per_weight = _BYTES_PER_WEIGHT.get(cfg.quantization, dtype_bytes)
+        weights = (params - embed) * per_weight + embed * dtype_bytes
+        trainable = lora_parameter_count(cfg) * 16
+    seq = t.max_source_length + t.max_target_length
+    tokens = t.batch_size * seq
+    per_layer = (2 if t.gradient_checkpointing else 34) * tokens * d.hidden_size * dtype_bytes / 2
+    logits = tokens * d.vocab_size * 4
+    return MemoryEstimate(weights, trainable, per_layer * d.num_layers + logits)
+
+
+@lru_cache(maxsize=1)
+def hub_reachable() -> tuple[bool, str]:
+    """(reachable, why not): offline flags answer at once; otherwise one TCP connect, bounded to 2 s."""
+    for flag in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(flag, "").lower() in ("1", "true", "yes"):
+            return False, f"{flag} is set"
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = urlparse(endpoint).hostname or "huggingface.co"
+    result: list[BaseException | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=2).close()
+            result.append(None)
+        except OSError as e:
+            result.append(e)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(2.0)
+    if not result:
+        return False, f"{host} did not answer within 2 s"
+    if result[0] is not None:
+        return False, f"{host} cannot be reached ({result[0]})"
+    return True, ""
+
+
+def weights_available(source: str) -> tuple[bool, str]:
+    """Whether a hub id or local path can be loaded now: (ok, where or why not)."""
+    if Path(source).expanduser().is_dir():
+        return True, f"local folder {source}"
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(source, "config.json")
+    if isinstance(cached, str):
+        return True, "Hugging Face cache"
+    online, why = hub_reachable()
+    if not online:
+        return False, f"weights unreachable: '{source}' is not a local folder nor in the Hugging Face cache, and the hub is offline ({why})"
+    from huggingface_hub import model_info
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        model_info(source, timeout=5)
+    except HfHubHTTPError as e:
+        return False, f"weights unreachable: hub answered for '{source}': {e}"
+    except Exception as e:  # DNS/TLS/timeouts
+        return False, f"weights unreachable: '{source}': {type(e).__name__}: {e}"
+    return True, "Hugging Face hub"
+
+
+def check_model(cfg: ModelConfig, device: DeviceInfo) -> Verdict:
+    verdict = Verdict(cfg.name, config=cfg)
+    if cfg.lora is not None:
+        allowed = LORA_TARGETS_BY_FAMILY[cfg.family]
+        wrong = [t for t in cfg.lora.targets if t not in allowed]
+        if wrong:
+            verdict.block(f"LoRA targets {wrong} do not exist in the {cfg.family} family (it has {sorted(allowed)})")
+    policy = None
+    try:
+        policy = resolve_precision(cfg.precision, device)
+        verdict.precision = policy.label
+    except PrecisionError as e:
+        verdict.block(f"precision: {e}")
+    try:
+        check_quantization(cfg.quantization, device)
+    except PrecisionError as e:
+        verdict.block(f"quantization: {e}")
+    estimate = estimate_memory(cfg, policy.compute_dtype if policy else "float32")
+    verdict.estimate_gib = estimate.total / GIB
+    if estimate.total > MEMORY_HEADROOM * device.available_bytes:
+        verdict.block(
+            f"memory: needs ~{estimate.total / GIB:.1f} GiB (weights {estimate.weights / GIB:.1f}, trainable state "
+            f"{estimate.trainable_state / GIB:.1f}, activations {estimate.activations / GIB:.1f}) but {device.name} has "
+            f"{device.available_bytes / GIB:.1f} GiB available"
+        )
+    if cfg.source == "hub":
+        ok, where = weights_available(cfg.hub_id or "")
+        (verdict.notes.append(f"weights: {where}") if ok else verdict.block(where))
+    tokenizer_path = cfg.tokenizer.path
+    if tokenizer_path and tokenizer_path != cfg.hub_id:
+        ok, where = weights_available(tokenizer_path)
+        if not ok:
+            verdict.block(where.replace("weights unreachable", "tokenizer unreachable"))
+    return verdict
+
+
+def check_data(paths: list[str | Path]) -> list[str]:
+    """Problems with the given data files (empty when all are valid)."""
+    problems = []
+    for path in paths:
+        try:
+            read_dialogues(path, require_summary=True)
+        except DataError as e:
+            problems.append(str(e))
+    return problems
+
+
+def run_preflight(
+    models: list[str],
+    data_paths: list[str | Path] | None = None,
+    overrides: dict[str, dict] | None = None,
+    device: DeviceInfo | None = None,
+) -> list[Verdict]:
+    """Verdicts for every model, in order; an unknown name or bad config is a blocked verdict, not a crash."""
+    device = device or detect_device()
+    data_problems = check_data(list(data_paths or []))
+    verdicts = []
+    for name in models:
+        try:
+            cfg = load_model_config(name, (overrides or {}).get(name))
+        except ConfigError as e:
+            verdict = Verdict(name)
+            verdict.block(f"config: {e}")
+            verdicts.append(verdict)
+            continue
+        verdict = check_model(cfg, device)
+        for problem in data_problems:
+            verdict.block(f"data: {problem}")
+        verdicts.append(verdict)
+    return verdicts
+
+
+def render_table(verdicts: list[Verdict]):
+    from rich.table import Table
+
+    table = Table(title="dialogsum preflight", show_lines=True)
+    for column in ("model", "verdict", "precision", "est. memory", "reasons / notes"):
+        table.add_column(column)
+    for v in verdicts:
+        style = "green" if v.ok else "red"
+        estimate = f"{v.estimate_gib:.1f} GiB" if v.estimate_gib is not None else "-"
+        details = "\n".join(v.reasons + v.notes) or "-"
+        table.add_row(v.model, f"[{style}]{v.label}[/{style}]", v.precision or "-", estimate, details)
+    return table

@@ -1,0 +1,229 @@
+"""MLflow conventions shared by every command: store location, run lifecycle, failure capture, tables.
+
+Every dialogsum run carries `dialogsum.status` (running/succeeded/failed/killed/skipped) and `dialogsum.stage`
+tags, so `mlflow.search_runs(filter_string="tags.`dialogsum.status` = 'failed'")` finds failures. An exception
+inside `tracked_run` ends the run FAILED with `errors/traceback.txt`, `errors/error.json` and `error.*` tags;
+Ctrl-C or SIGTERM ends it KILLED. No run is left RUNNING.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+
+from dialogsum.config import flatten
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "dialogsum"
+PREDICTIONS_ARTIFACT = "predictions.json"
+STATUS_TAG = "dialogsum.status"
+STAGE_TAG = "dialogsum.stage"
+KIND_TAG = "dialogsum.kind"
+MODEL_TAG = "dialogsum.model"
+REASON_TAG = "dialogsum.reason"
+PARAM_VALUE_LIMIT = 6000
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used (unreachable server, refused credentials)."""
+
+
+class Terminated(BaseException):
+    """Raised in the main thread when the process receives SIGTERM."""
+
+
+def _raise_terminated(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise Terminated(f"received signal {signum}")
+
+
+def configure_tracking(experiment: str | None = None) -> str:
+    """Point MLflow at $MLFLOW_TRACKING_URI (default: ./mlflow.db), fail fast on an unreachable server.
+
+    MLflow retries HTTP calls for minutes by default; the retry budget is bounded here (unless the user set
+    their own) and an http(s) server is probed with a 3-second connect before any call.
+    """
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            socket.create_connection((parsed.hostname, port), timeout=3).close()
+        except OSError as e:
+            raise TrackingError(f"MLflow tracking server {uri} is unreachable ({e}); start it or fix MLFLOW_TRACKING_URI") from e
+    mlflow.set_tracking_uri(uri)
+    if experiment or not os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+        try:
+            mlflow.set_experiment(name)
+        except Exception as e:
+            if "401" in str(e) or "403" in str(e) or "Unauthorized" in str(e):
+                raise TrackingError(f"MLflow tracking server {uri} refused the credentials: {e}") from e
+            raise
+    return uri
+
+
+@dataclass
+class RunContext:
+    """The run a command logs into, with its current stage (recorded as the failing stage on error)."""
+
+    run_id: str
+    stage: str = "setup"
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def set_stage(self, stage: str) -> None:
+        import mlflow
+
+        self.stage = stage
+        mlflow.set_tag(STAGE_TAG, stage)
+
+    @contextmanager
+    def stage_of(self, stage: str) -> Iterator[None]:
+        self.set_stage(stage)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = time.perf_counter() - start
+
+
+@contextmanager
+def tracked_run(
+    run_name: str | None = None,
+    kind: str = "run",
+    tags: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+    run_id: str | None = None,
+) -> Iterator[RunContext]:
+    """Start (or resume, with `run_id` or $MLFLOW_RUN_ID) a run and guarantee a final status.
+
+    Succeeded → FINISHED; exception → FAILED with error artifacts; Ctrl-C/SIGTERM → KILLED.
+    """
+    import mlflow
+
+    all_tags = {KIND_TAG: kind, STATUS_TAG: "running", **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    previous_handler = None
+    try:
+        previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not in the main thread
+        pass
+    run = mlflow.start_run(run_id=run_id, run_name=run_name if not run_id else None, tags=all_tags)
+    ctx = RunContext(run.info.run_id)
+    try:
+        if run_id or os.environ.get("MLFLOW_RUN_ID"):
+            mlflow.set_tags(all_tags)
+        yield ctx
+    except (KeyboardInterrupt, Terminated) as e:
+        _record_error(ctx, e, status="killed")
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException as e:
+        _record_error(ctx, e, status="failed")
+        mlflow.end_run("FAILED")
+        raise
+    else:
+        mlflow.set_tag(STATUS_TAG, "succeeded")
+        mlflow.end_run("FINISHED")
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _record_error(ctx: RunContext, error: BaseException, status: str) -> None:
+    import mlflow
+
+    info = error_info(error, ctx.stage)
+    try:
+        mlflow.log_text("".join(traceback.format_exception(error)), "errors/traceback.txt")
+        mlflow.log_dict(info, "errors/error.json")
+        mlflow.set_tags(
+            {
+                STATUS_TAG: status,
+                "error.type": info["type"],
+                "error.stage": ctx.stage,
+                "error.message": info["message"][:PARAM_VALUE_LIMIT],
+            }
+        )
+    except Exception:  # the store itself may be what failed; the run status is still set by the caller
+        pass
+
+
+def error_info(error: BaseException, stage: str) -> dict[str, Any]:
+    return {
+        "type": type(error).__name__,
+        "message": str(error) or type(error).__name__,
+        "stage": stage,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def log_config(config: dict[str, Any], artifact_file: str = "config.yaml") -> None:
+    """Log a nested config as flattened params and as a YAML artifact.
+
+    Values over MLflow's 6000-character param limit are logged cut, ending in a pointer to the artifact,
+    so no key is ever dropped.
+    """
+    import mlflow
+
+    params = {}
+    for key, value in flatten(config).items():
+        text = json.dumps(value, ensure_ascii=False) if isinstance(value, (list, dict)) else str(value)
+        if len(text) > PARAM_VALUE_LIMIT:
+            marker = f"...[truncated; full value in {artifact_file}]"
+            text = text[: PARAM_VALUE_LIMIT - len(marker)] + marker
+        params[key] = text
+    mlflow.log_params(params)
+    mlflow.log_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False), artifact_file)
+
+
+def log_predictions(rows: list[dict[str, Any]], artifact_file: str = PREDICTIONS_ARTIFACT) -> None:
+    """Log a predictions table (fname, dialogue, reference, prediction, per-row ROUGE, ...) for the UI."""
+    import mlflow
+    import pandas as pd
+
+    mlflow.log_table(pd.DataFrame(rows), artifact_file=artifact_file)
+
+
+def load_predictions(run_id: str, artifact_file: str = PREDICTIONS_ARTIFACT):
+    """A run's predictions table as a DataFrame."""
+    import mlflow
+    import pandas as pd
+
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_file)
+    with open(path, encoding="utf-8") as f:
+        table = json.load(f)
+    return pd.DataFrame(table["data"], columns=table["columns"])
+
+
+def ui_hint(run_id: str) -> str:
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    run = mlflow.get_run(run_id)
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    return f"mlflow ui --backend-store-uri {uri}  →  experiment {run.info.experiment_id}, run {run_id}"
+
+
+def run_metric(run, name: str) -> float | None:
+    """A run's score for `name`: its `best_<name>` summary when it logged one (train logs per-epoch curves and
+    the best epoch's value), else the latest value of `name`."""
+    metrics = run.data.metrics
+    return metrics.get(f"best_{name}", metrics.get(name))
