@@ -1,0 +1,246 @@
+"""Builders: tokenizer, model (hub weights or a random-init model of the real architecture), LoRA/QLoRA.
+
+A config-source model is materialised once as a random-init checkpoint in the cache folder and then loaded
+through the same `from_pretrained` path as hub weights, so quantization and LoRA are exercised exactly as for
+real models. Every tokenizer gets the dialogue tags (`#Person1#`, `#PhoneNumber#`, ...) as single tokens and
+the model's embeddings are resized to match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dialogsum.config import ModelConfig
+from dialogsum.data import SPECIAL_TOKENS
+from dialogsum.precision import PrecisionPolicy
+
+EMBEDDING_MODULE = {"llama": "embed_tokens", "qwen3": "embed_tokens", "gpt_neox": "embed_in", "bart": "shared"}
+MODEL_CONFIG_FILE = "dialogsum_model.json"
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("DIALOGSUM_CACHE_DIR") or Path.home() / ".cache" / "dialogsum")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def train_tokenizer(texts: list[str], cfg: ModelConfig, data_digest: str):
+    """A SentencePiece-style BPE tokenizer trained on the training texts (cached by data digest and config)."""
+    from tokenizers import SentencePieceBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    folder = cache_dir() / "tokenizers" / f"{cfg.family}-{_digest(data_digest, cfg.tokenizer.vocab_size, cfg.task)}"
+    if (folder / "tokenizer.json").exists():
+        return PreTrainedTokenizerFast.from_pretrained(folder)
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    if cfg.task == "seq2seq":
+        specials["mask_token"] = "<mask>"
+    raw = SentencePieceBPETokenizer(unk_token="<unk>")
+    raw.train_from_iterator(texts, vocab_size=cfg.tokenizer.vocab_size, special_tokens=list(specials.values()), show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, **specials)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    tokenizer.save_pretrained(tmp)
+    _publish(tmp, folder)
+    return PreTrainedTokenizerFast.from_pretrained(folder)
+
+
+def load_tokenizer(cfg: ModelConfig, train_texts: list[str] | None = None, data_digest: str = ""):
+    """The config's tokenizer with the dialogue tags added as single (non-special, so never stripped) tokens."""
+    from transformers import AutoTokenizer
+
+    source = cfg.tokenizer.path or cfg.hub_id
+    if source:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    elif train_texts:
+        tokenizer = train_tokenizer(train_texts, cfg, data_digest)
+    else:
+        raise ValueError(f"model '{cfg.name}' has no tokenizer path and no training texts to train one from")
+    add_dialogue_tokens(tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def add_dialogue_tokens(tokenizer) -> int:
+    """Add `#Person1#`… and the masked-entity tags as whole tokens; returns how many were new."""
+    from tokenizers import AddedToken
+
+    return tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in SPECIAL_TOKENS])
+
+
+def materialize_random_init(cfg: ModelConfig, tokenizer) -> Path:
+    """Save a random-init checkpoint of the config's architecture sized to the tokenizer (cached)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    arch = dict(cfg.architecture or {})
+    model_type = arch.pop("model_type")
+    ids = {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    if cfg.task == "seq2seq":
+        ids["decoder_start_token_id"] = tokenizer.eos_token_id
+        ids["forced_eos_token_id"] = tokenizer.eos_token_id
+    folder = cache_dir() / "random-init" / f"{cfg.name}-{_digest(model_type, arch, ids, cfg.training.seed)}"
+    if (folder / "config.json").exists():
+        return folder
+    config = AutoConfig.for_model(model_type, **arch, **ids)
+    torch.manual_seed(cfg.training.seed)
+    auto = AutoModelForSeq2SeqLM if cfg.task == "seq2seq" else AutoModelForCausalLM
+    model = auto.from_config(config)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    _publish(tmp, folder)
+    return folder
+
+
+def _publish(tmp: Path, folder: Path) -> None:
+    """Move a finished cache entry into place atomically; a concurrent writer's identical entry wins."""
+    try:
+        os.replace(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def weights_source(cfg: ModelConfig, tokenizer) -> str:
+    return str(materialize_random_init(cfg, tokenizer)) if cfg.source == "config" else str(cfg.hub_id)
+
+
+def quantization_config(cfg: ModelConfig, policy: PrecisionPolicy):
+    """bitsandbytes settings: nf4 with double quantization for 4-bit (QLoRA), LLM.int8 for 8-bit."""
+    if cfg.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=policy.torch_dtype(),
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+@dataclass
+class BuiltModel:
+    model: Any
+    tokenizer: Any
+    base_source: str
+    new_token_ids: list[int]
+
+
+def build_model(cfg: ModelConfig, tokenizer, policy: PrecisionPolicy, for_training: bool = True) -> BuiltModel:
+    """Load weights (full fine-tuning in fp32 master weights; LoRA bases in the compute dtype; QLoRA in nf4),
+    resize embeddings for the added tokens, and wrap with LoRA when configured."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    source = weights_source(cfg, tokenizer)
+    auto = AutoModelForSeq2SeqLM if cfg.task == "seq2seq" else AutoModelForCausalLM
+    kwargs: dict[str, Any] = {"dtype": policy.torch_dtype() if cfg.lora else torch.float32}
+    quant = quantization_config(cfg, policy)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": 0} if policy.device == "cuda" else {"": "cpu"}
+    model = auto.from_pretrained(source, **kwargs)
+    old_vocab = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) != old_vocab:
+        model.resize_token_embeddings(len(tokenizer))
+    new_ids = list(range(old_vocab, len(tokenizer)))
+    _align_special_ids(model, tokenizer)
+    if cfg.lora is not None and for_training:
+        model = _wrap_lora(model, cfg, new_ids)
+    elif cfg.training.gradient_checkpointing and for_training:
+        model.gradient_checkpointing_enable()
+    return BuiltModel(model, tokenizer, source, new_ids)
+
+
+def _align_special_ids(model, tokenizer) -> None:
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        if model.config.is_encoder_decoder is False:
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+def _wrap_lora(model, cfg: ModelConfig, new_token_ids: list[int]):
+    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+
+    assert cfg.lora is not None
+    if cfg.quantization != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.gradient_checkpointing)
+    elif cfg.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.targets,
+        task_type=TaskType.SEQ_2_SEQ_LM if cfg.task == "seq2seq" else TaskType.CAUSAL_LM,
+        # The added dialogue tags start as untrained rows: train just those rows of the input embedding.
+        trainable_token_indices={EMBEDDING_MODULE[cfg.family]: new_token_ids} if new_token_ids else None,
+    )
+    return get_peft_model(model, lora)
+
+
+def save_for_inference(built: BuiltModel, cfg: ModelConfig, folder: Path, unwrapped_model) -> Path:
+    """Write everything needed to rebuild the model: weights (or LoRA adapter plus, for a random-init base,
+    the base itself), tokenizer, and the resolved model config."""
+    folder.mkdir(parents=True, exist_ok=True)
+    built.tokenizer.save_pretrained(folder / "tokenizer")
+    info = {"config": cfg.model_dump(), "adapter": cfg.lora is not None, "base": None}
+    if cfg.lora is not None:
+        unwrapped_model.save_pretrained(folder / "adapter")
+        if cfg.source == "config":
+            shutil.copytree(built.base_source, folder / "base", dirs_exist_ok=True)
+            info["base"] = "base"
+        else:
+            info["base"] = built.base_source
+    else:
+        unwrapped_model.save_pretrained(folder / "weights")
+    (folder / MODEL_CONFIG_FILE).write_text(json.dumps(info, ensure_ascii=False, indent=2), encoding="utf-8")
+    return folder
+
+
+def load_for_inference(folder: str | Path, device: str | None = None):
+    """Rebuild (model, tokenizer, ModelConfig) from `save_for_inference` output, ready to generate.
+
+    LoRA adapters are merged into their base (full precision on CPU, the compute dtype on CUDA)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    folder = Path(folder)
+    info = json.loads((folder / MODEL_CONFIG_FILE).read_text(encoding="utf-8"))
+    cfg = ModelConfig.model_validate(info["config"])
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float32 if device == "cpu" else (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    auto = AutoModelForSeq2SeqLM if cfg.task == "seq2seq" else AutoModelForCausalLM
+    if info["adapter"]:
+        from peft import PeftModel
+
+        base_path = folder / info["base"] if info["base"] == "base" else info["base"]
+        base = auto.from_pretrained(base_path, dtype=dtype)
+        if base.get_input_embeddings().weight.shape[0] != len(tokenizer):
+            base.resize_token_embeddings(len(tokenizer))
+        model = PeftModel.from_pretrained(base, folder / "adapter").merge_and_unload()
+    else:
+        model = auto.from_pretrained(folder / "weights", dtype=dtype)
+    _align_special_ids(model, tokenizer)
+    model.to(device).eval()
+    return model, tokenizer, cfg

@@ -1,0 +1,76 @@
+"""The MLflow pyfunc that every trained (or optimised) dialogsum model is logged as.
+
+Input: a DataFrame with a `dialogue` column, a list of strings, or {"dialogue": [...]}. Output: one summary per
+dialogue. Generation settings (num_beams, max_new_tokens, ...) can be overridden per request through params.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+
+from dialogsum.config import GenerationSettings
+
+MODEL_ARTIFACT_KEY = "model_dir"
+MODEL_ARTIFACT_PATH = "model"
+
+
+def dialogues_from_input(model_input: Any) -> list[str]:
+    import pandas as pd
+
+    if isinstance(model_input, pd.DataFrame):
+        if "dialogue" in model_input.columns:
+            return [str(d) for d in model_input["dialogue"]]
+        if len(model_input.columns) == 1:
+            return [str(d) for d in model_input.iloc[:, 0]]
+        raise ValueError(f"input DataFrame needs a 'dialogue' column (got {list(model_input.columns)})")
+    if isinstance(model_input, dict) and "dialogue" in model_input:
+        value = model_input["dialogue"]
+        return [value] if isinstance(value, str) else [str(d) for d in value]
+    if isinstance(model_input, str):
+        return [model_input]
+    return [str(d) for d in model_input]
+
+
+class DialogueSummarizer(mlflow.pyfunc.PythonModel):
+    """Loads the saved model folder once per process and summarises batches of dialogues."""
+
+    def __init__(self, batch_size: int = 16):
+        self.batch_size = batch_size
+
+    def load_context(self, context) -> None:
+        from dialogsum.models import load_for_inference
+
+        self.model, self.tokenizer, self.cfg = load_for_inference(context.artifacts[MODEL_ARTIFACT_KEY])
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:  # noqa: ARG002
+        from dialogsum.generate import summarize
+
+        params = dict(params or {})
+        batch_size = int(params.pop("batch_size", self.batch_size))
+        return summarize(self.model, self.tokenizer, self.cfg, dialogues_from_input(model_input), batch_size, params)
+
+
+def default_params(settings: GenerationSettings) -> dict[str, Any]:
+    return {**settings.model_dump(), "batch_size": 16}
+
+
+def log_summarizer(model_dir: Path, settings: GenerationSettings, example_dialogues: list[str], example_summaries: list[str], **kwargs):
+    """Log a saved model folder as the `model` pyfunc of the active run, with signature and input example."""
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    example = pd.DataFrame({"dialogue": example_dialogues})
+    warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
+    signature = infer_signature(example, pd.Series(example_summaries, name="summary"), params=default_params(settings))
+    return mlflow.pyfunc.log_model(
+        name=MODEL_ARTIFACT_PATH,
+        python_model=DialogueSummarizer(),
+        artifacts={MODEL_ARTIFACT_KEY: str(model_dir)},
+        signature=signature,
+        input_example=example,
+        **kwargs,
+    )
