@@ -87,6 +87,206 @@ def train(
         _fail(e)
 
 
+@app.command()
+def ensemble(
+    runs: Annotated[str, typer.Option(help="Comma-separated source run ids")] = "",
+    parent: Annotated[str, typer.Option(help="Use the succeeded train/solar children of this run (and log under it)")] = "",
+    top_k: Annotated[int, typer.Option(help="Use the K best succeeded train/solar runs of the experiment by --metric")] = 0,
+    metric: Annotated[str, typer.Option(help="Validation metric that ranks and weighs sources")] = "eval_final",
+    strategy: Annotated[str, typer.Option(help="mbr, weighted_mbr or stacking")] = "mbr",
+    data: Annotated[str, typer.Option(help="CSV to summarise with the sources' models (default: their logged predictions)")] = "",
+    folds: Annotated[int, typer.Option(help="Cross-validation folds for stacking")] = 5,
+) -> None:
+    """Ensemble the summaries of tracked runs (MBR consensus, weighted MBR or a stacking selector)."""
+    from rich.table import Table
+
+    from dialogsum.data import DataError
+    from dialogsum.ensemble import FnameMismatch, NotEnoughSources, run_ensemble, source_runs_of_parent, top_k_source_runs
+    from dialogsum.tracking import TrackingError, configure_tracking, ui_hint
+
+    if sum(bool(x) for x in (runs, parent, top_k)) != 1:
+        _fail(ValueError("give exactly one of --runs, --parent or --top-k"))
+    try:
+        configure_tracking()
+        if runs:
+            run_ids = _split(runs)
+        elif parent:
+            run_ids = source_runs_of_parent(parent, metric)
+        else:
+            run_ids = top_k_source_runs(top_k, metric)
+        run_id = run_ensemble(run_ids, strategy, data_path=data or None, parent_run_id=parent or None, metric=metric, folds=folds)
+    except (NotEnoughSources, FnameMismatch, DataError, TrackingError, ValueError) as e:
+        _fail(e)
+    import mlflow
+
+    metrics = mlflow.get_run(run_id).data.metrics
+    table = Table(title=f"ensemble {strategy} (eval_final on the same rows)")
+    for column in ("candidate", "eval_final", "win share"):
+        table.add_column(column)
+    for name, share in sorted(metrics.items()):
+        if name.startswith("win_share_"):
+            label = name.removeprefix("win_share_")
+            final = metrics.get(f"source_{label}_eval_final")
+            table.add_row(label, "-" if final is None else f"{final:.2f}", f"{share:.2f}")
+    if "eval_final" in metrics:
+        table.add_row(f"ensemble ({strategy})", f"{metrics['eval_final']:.2f}", "")
+        table.add_row("oracle (upper bound, uses references)", f"{metrics['oracle_eval_final']:.2f}", "")
+    Console().print(table)
+    console.print(f"run {run_id}\nopen: {ui_hint(run_id)}")
+
+
+@app.command("evaluate-solar")
+def evaluate_solar(
+    data: Annotated[Path, typer.Option(help="Labelled CSV to evaluate on")],
+    model: Annotated[str, typer.Option(help="Upstage model, e.g. solar-mini (empty: configs/solar.yaml)")] = "",
+    prompt: Annotated[str, typer.Option(help="Prompt name in configs/prompts/ or a YAML path (empty: the config's)")] = "",
+    n_samples: Annotated[int, typer.Option(min=0, help="Evaluate only the first N rows (0: all)")] = 0,
+    concurrency: Annotated[int, typer.Option(min=0, help="Requests in flight at once (0: the config's)")] = 0,
+    rpm: Annotated[float, typer.Option(min=0, help="Client-side requests-per-minute limit (0: the config's)")] = 0,
+    base_url: Annotated[Optional[str], typer.Option(help="API base URL (default: $SOLAR_BASE_URL, then the config)")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling top_p")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(help="Completion token budget per summary")] = None,
+    train: Annotated[Optional[Path], typer.Option(help="Labelled CSV few-shot examples come from (default: bundled sample)")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Answer cache folder (default: $DIALOGSUM_CACHE_DIR/solar)")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="Solar settings file (default: configs/solar.yaml)")] = None,
+    parent_run_id: Annotated[Optional[str], typer.Option(help="Log as a child of this run")] = None,
+) -> None:
+    """Evaluate Upstage's Solar chat API (key from $UPSTAGE_API_KEY); answers are cached, never paid twice."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    from dialogsum import solar
+    from dialogsum.config import ConfigError
+    from dialogsum.data import DataError
+    from dialogsum.solar_cache import CacheError
+    from dialogsum.solar_client import FatalApiError
+    from dialogsum.tracking import TrackingError, ui_hint
+
+    log = logging.getLogger("dialogsum")
+    log.setLevel(logging.INFO)
+    if not log.handlers:
+        log.addHandler(RichHandler(console=console, show_path=False))
+    try:
+        run_id = solar.evaluate_solar(
+            data,
+            model=model or None,
+            prompt=prompt or None,
+            n_samples=n_samples or None,
+            concurrency=concurrency or None,
+            rpm=rpm or None,
+            base_url=base_url,
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_tokens,
+            train_path=train,
+            cache_dir=cache_dir,
+            config_path=config,
+            parent_run_id=parent_run_id,
+        )
+    except (solar.MissingApiKey, solar.SolarEvaluationError, FatalApiError, CacheError, ConfigError, DataError, TrackingError) as e:
+        _fail(e)
+    import mlflow
+
+    run = mlflow.get_run(run_id)
+    metrics = run.data.metrics
+    shown = ["eval_final", "eval_rouge1", "eval_rouge2", "eval_rougeL", "rows", "scored_rows", "failed_rows",
+             "cache_hits", "api_requests", "retries", "rate_limited", "tokens_in", "tokens_out",
+             "latency_p50_s", "latency_p95_s", "estimated_cost_usd"]  # fmt: skip
+    for name in shown:
+        if name in metrics:
+            console.print(f"{name:>20}  {metrics[name]:.4g}")
+    console.print(f"ROUGE over {run.data.tags.get(solar.SCOPE_TAG, '')}")
+    console.print(f"run {run_id}\nopen: {ui_hint(run_id)}")
+
+
+@app.command()
+def pipeline(
+    config: Annotated[Optional[Path], typer.Option(help="Pipeline YAML (configs/pipelines/*.yaml)")] = None,
+    resume: Annotated[Optional[str], typer.Option(help="Parent run id: rerun only children that failed or never ran")] = None,
+) -> None:
+    """Run the full pipeline: preflight, one child run per model and step, matrix and report on the parent."""
+    from dialogsum.config import ConfigError
+    from dialogsum.pipeline import run_pipeline
+    from dialogsum.tracking import TrackingError, ui_hint
+
+    if (config is None) == (resume is None):
+        _fail(ValueError("give exactly one of --config or --resume"))
+    try:
+        parent_id = run_pipeline(config, resume_run_id=resume)
+    except (ConfigError, TrackingError) as e:
+        _fail(e)
+    console.print(f"pipeline parent run {parent_id}\nopen: {ui_hint(parent_id)}")
+
+
+@app.command()
+def report(
+    parent_run_id: Annotated[str, typer.Argument(help="The pipeline's parent run id")],
+    out: Annotated[Optional[Path], typer.Option(help="Also write report.md/html and figures to this folder")] = None,
+) -> None:
+    """Generate the experiment report of a pipeline run from the MLflow store and log it to the parent run."""
+    from dialogsum.report import write_report
+    from dialogsum.tracking import configure_tracking
+
+    configure_tracking()
+    Console().print(write_report(parent_run_id, out))
+
+
+@app.command()
+def register(
+    experiment: Annotated[str, typer.Option(help="Choose among this experiment's runs (default: the active experiment)")] = "",
+    parent: Annotated[str, typer.Option(help="Choose among the children of this pipeline run (and log under it)")] = "",
+    run: Annotated[str, typer.Option(help="Register this run's model instead of choosing")] = "",
+    metric: Annotated[str, typer.Option(help="Validation metric that chooses the champion (higher is better)")] = "eval_final",
+    name: Annotated[str, typer.Option(help="Registered model name")] = "dialogsum-ko",
+) -> None:
+    """Register the best run's model as NAME@champion; the previous champion keeps alias @previous.
+
+    Candidates are succeeded train/optimize runs with a logged model. Ties: higher metric, then fewer
+    parameters, then earlier end time, then smaller run id.
+    """
+    from dialogsum.registry import CHAMPION_ALIAS, PREVIOUS_ALIAS, RegistryError, run_register
+    from dialogsum.tracking import TrackingError, configure_tracking
+
+    try:
+        configure_tracking(experiment or None)
+        done = run_register(experiment=experiment or None, parent_run_id=parent or None, run_id=run or None, metric=metric, name=name)
+    except (RegistryError, TrackingError) as e:
+        _fail(e)
+    score = "no score" if done.score is None else f"{metric}={done.score:.4g}"
+    console.print(f"models:/{name}/{done.version} ← run {done.run_id} ({score}, best of {done.candidates}) is @{CHAMPION_ALIAS}")
+    if done.previous_version:
+        console.print(f"models:/{name}/{done.previous_version} is @{PREVIOUS_ALIAS}")
+
+
+@app.command()
+def predict(
+    data: Annotated[Path, typer.Option(help="CSV with fname,dialogue (a summary column is ignored)")],
+    model_uri: Annotated[str, typer.Option(help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/model")] = "models:/dialogsum-ko@champion",
+    out: Annotated[Path, typer.Option(help="Submission CSV to write (fname,summary)")] = Path("submission.csv"),
+    batch_size: Annotated[int, typer.Option(help="Dialogues per generation batch")] = 16,
+    param: Annotated[Optional[list[str]], typer.Option("--param", help="Generation override key=value (repeatable), e.g. num_beams=1")] = None,
+) -> None:
+    """Write a submission (fname,summary in input order), validated and logged to a `predict` run."""
+    import mlflow
+
+    from dialogsum.config import ConfigError, parse_set_options
+    from dialogsum.data import DataError
+    from dialogsum.predict import ERRORS_ARTIFACT, SubmissionError, predict_file
+    from dialogsum.registry import RegistryError
+    from dialogsum.tracking import TrackingError, ui_hint
+
+    try:
+        run_id = predict_file(model_uri, data, out, batch_size, parse_set_options(param or []))
+    except (ConfigError, DataError, RegistryError, SubmissionError, TrackingError) as e:
+        _fail(e)
+    failed = int(mlflow.get_run(run_id).data.metrics.get("error_rows", 0))
+    console.print(f"wrote {out}\nrun {run_id}\nopen: {ui_hint(run_id)}")
+    if failed:
+        _fail(RuntimeError(f"{failed} row(s) have no summary; see {ERRORS_ARTIFACT} in run {run_id}"))
+
+
 def main() -> None:
     app()
 

@@ -32,7 +32,7 @@ class ConfigError(ValueError):
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True, serialize_by_alias=True)
 
 
 class Dimensions(StrictModel):
@@ -279,3 +279,77 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+PipelineStep = Literal["train", "evaluate_solar", "ensemble", "optimize", "register"]
+
+
+class PipelineModel(StrictModel):
+    name: str
+    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted config keys, as with --set")
+
+
+class PipelineData(StrictModel):
+    train: str | None = None
+    eval: str | None = None
+    test: str | None = None
+
+
+class SolarStep(StrictModel):
+    model: str | None = None
+    prompt: str | None = None
+    n_samples: int | None = None
+    concurrency: int | None = None
+    rpm: int | None = None
+
+
+class EnsembleStep(StrictModel):
+    strategy: Literal["mbr", "weighted_mbr", "stacking"] = "mbr"
+
+
+class OptimizeStep(StrictModel):
+    quantization: str = "int8"
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
+    n_samples: int | None = None
+
+
+class RegisterStep(StrictModel):
+    name: str = "dialogsum-ko"
+    metric: str = "eval_final"
+
+
+class StageTimeouts(StrictModel):
+    """Seconds a stage may run before its process is killed and the child run records the timeout."""
+
+    train: float = 6 * 3600
+    evaluate_solar: float = 3600
+    ensemble: float = 1800
+    optimize: float = 3600
+    register_: float = Field(600, alias="register")
+
+
+class PipelineConfig(StrictModel):
+    name: str
+    description: str = ""
+    experiment: str | None = None
+    data: PipelineData = Field(default_factory=PipelineData)
+    models: list[PipelineModel]
+    steps: list[PipelineStep] = Field(default_factory=lambda: ["train"])
+    solar: SolarStep = Field(default_factory=SolarStep)
+    ensemble: EnsembleStep = Field(default_factory=EnsembleStep)
+    optimize: OptimizeStep = Field(default_factory=OptimizeStep)
+    register_: RegisterStep = Field(default_factory=RegisterStep, alias="register")
+    timeouts: StageTimeouts = Field(default_factory=StageTimeouts)
+
+    @model_validator(mode="after")
+    def _check_models(self) -> "PipelineConfig":
+        names = [normalize_name(m.name) for m in self.models]
+        duplicates = sorted({m.name for m in self.models if names.count(normalize_name(m.name)) > 1})
+        if duplicates:
+            raise ValueError(f"models listed twice: {duplicates}")
+        return self
+
+
+def load_pipeline_config(path: str | Path) -> PipelineConfig:
+    path = Path(path)
+    return parse_config(PipelineConfig, load_yaml(path), path)

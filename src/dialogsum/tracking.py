@@ -99,7 +99,7 @@ class RunContext:
         try:
             yield
         finally:
-            self.timings[stage] = time.perf_counter() - start
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
 
 
 @contextmanager
@@ -124,7 +124,8 @@ def tracked_run(
         previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     except ValueError:  # not in the main thread
         pass
-    run = mlflow.start_run(run_id=run_id, run_name=run_name if not run_id else None, tags=all_tags)
+    nested = mlflow.active_run() is not None
+    run = mlflow.start_run(run_id=run_id, run_name=run_name if not run_id else None, tags=all_tags, nested=nested)
     ctx = RunContext(run.info.run_id)
     try:
         if run_id or os.environ.get("MLFLOW_RUN_ID"):
@@ -132,18 +133,32 @@ def tracked_run(
         yield ctx
     except (KeyboardInterrupt, Terminated) as e:
         _record_error(ctx, e, status="killed")
+        _log_timings(ctx)
         mlflow.end_run("KILLED")
         raise
     except BaseException as e:
         _record_error(ctx, e, status="failed")
+        _log_timings(ctx)
         mlflow.end_run("FAILED")
         raise
     else:
         mlflow.set_tag(STATUS_TAG, "succeeded")
+        _log_timings(ctx)
         mlflow.end_run("FINISHED")
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _log_timings(ctx: RunContext) -> None:
+    """Seconds spent in each stage, as `time_<stage>_s` metrics (the report's timeline)."""
+    import mlflow
+
+    if ctx.timings:
+        try:
+            mlflow.log_metrics({f"time_{stage}_s": seconds for stage, seconds in ctx.timings.items()})
+        except Exception:  # timings are informative; never mask the run's real outcome
+            pass
 
 
 def _record_error(ctx: RunContext, error: BaseException, status: str) -> None:
@@ -227,3 +242,32 @@ def run_metric(run, name: str) -> float | None:
     the best epoch's value), else the latest value of `name`."""
     metrics = run.data.metrics
     return metrics.get(f"best_{name}", metrics.get(name))
+
+
+def create_child_run(parent_run_id: str, name: str, kind: str, tags: dict[str, str] | None = None) -> str:
+    """A RUNNING child run that a stage process will log into (through $MLFLOW_RUN_ID)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    parent = client.get_run(parent_run_id)
+    all_tags = {"mlflow.parentRunId": parent_run_id, KIND_TAG: kind, STATUS_TAG: "pending", **(tags or {})}
+    return client.create_run(parent.info.experiment_id, tags=all_tags, run_name=name).info.run_id
+
+
+def close_run(run_id: str, status: str, stage: str, error_type: str | None = None, message: str | None = None) -> None:
+    """End a run that its own process could not end: record status, stage and (for failures) the reason as the
+    same error tags and `errors/error.json` artifact a failing run writes itself."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    tags = {STATUS_TAG: status, STAGE_TAG: stage}
+    if message:
+        tags[REASON_TAG] = message[:PARAM_VALUE_LIMIT]
+    if error_type:
+        tags.update({"error.type": error_type, "error.stage": stage, "error.message": (message or "")[:PARAM_VALUE_LIMIT]})
+        client.log_dict(run_id, {"type": error_type, "message": message, "stage": stage,
+                                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, "errors/error.json")  # fmt: skip
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    mlflow_status = {"succeeded": "FINISHED", "skipped": "FINISHED", "killed": "KILLED"}.get(status, "FAILED")
+    client.set_terminated(run_id, mlflow_status)
