@@ -162,7 +162,9 @@ def run_training(
         model = built.model
     if track:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        quantized = sum(1 for m in model.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt"))
         mlflow.log_params({"model.trainable_params": trainable, "model.total_params": sum(p.numel() for p in model.parameters()),
+                           "model.quantized_linear_layers": quantized,
                            "model.added_tokens": len(built.new_token_ids), "model.weights_source": built.base_source,
                            "runtime.precision": policy.label, "runtime.num_processes": accelerator.num_processes})  # fmt: skip
 
@@ -177,7 +179,8 @@ def run_training(
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-    steps_per_epoch = math.ceil(len(plan) / (t.gradient_accumulation_steps * accelerator.num_processes))
+    # Counted over all processes' batches: the prepared scheduler advances num_processes steps per optimizer step.
+    steps_per_epoch = math.ceil(len(plan) / t.gradient_accumulation_steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, t.warmup_steps, steps_per_epoch * t.epochs)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
 
@@ -283,12 +286,15 @@ def train_model(
     """Resolve the config, open the run (or join the one `mlflow run` created), train; returns the run id.
 
     Non-main processes of a distributed launch train without tracking and return None."""
+    import torch
     from accelerate import PartialState
 
     from dialogsum.tracking import MODEL_TAG, configure_tracking, log_config, tracked_run, ui_hint
 
     cfg = load_model_config(model_name, overrides)
-    if not PartialState().is_main_process:
+    # cpu=True on a CPU-only machine makes a torchrun launch a gloo process group (MULTI_CPU); without it every
+    # rank would think it is the main process. It must match the Accelerator's `cpu` in run_training.
+    if not PartialState(cpu=not torch.cuda.is_available()).is_main_process:
         train_data = load_split(train_path, "train", cfg.training.max_train_samples)
         eval_data = load_split(eval_path, "dev", cfg.training.max_eval_samples)
         run_training(cfg, train_data, eval_data, track=False)

@@ -1,0 +1,120 @@
+"""`main` pipeline: one parent, a child per model, isolated failures, preflight in seconds, matrix, report, resume."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import yaml
+
+from dialogsum.pipeline import run_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _children(parent_id: str) -> list:
+    parent = mlflow.get_run(parent_id)
+    return mlflow.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", output_format="list"
+    )
+
+
+def _by_model(children: list) -> dict[str, list]:
+    grouped: dict[str, list] = {}
+    for run in children:
+        grouped.setdefault(run.data.tags["dialogsum.model"], []).append(run)
+    return grouped
+
+
+def _write_config(tmp_path: Path, shared) -> Path:
+    labeled = str(shared("data/dialogsum-ko/labeled.csv"))
+    config = {
+        "name": "three-fates",
+        "experiment": "pipeline-test",
+        "data": {"train": labeled, "eval": labeled},
+        "models": [
+            {"name": "kobart-tiny", "overrides": {"training.epochs": 1, "training.max_train_samples": 24,
+                                                  "training.max_eval_samples": 4,
+                                                  "tokenizer.path": str(shared("tokenizers/kobart"))}},
+            # Training raises: a hidden size that 4 attention heads cannot divide fails when the model is built.
+            {"name": "llama-tiny", "overrides": {"architecture.hidden_size": 65, "training.max_train_samples": 8}},
+            # Blocked by preflight: bf16 is not a precision this CPU machine supports.
+            {"name": "qwen3_tiny_QLoRA", "overrides": {"precision": "bf16"}},
+        ],
+        "steps": ["train"],
+        "timeouts": {"train": 400},
+    }  # fmt: skip
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def test_one_success_two_failures_matrix_report_and_resume(mlflow_store, shared, tmp_path):
+    parent_id = run_pipeline(_write_config(tmp_path, shared))
+    parent = mlflow.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    children = _children(parent_id)
+    assert sorted(r.info.status for r in children) == ["FAILED", "FAILED", "FINISHED"]
+    by_model = _by_model(children)
+    assert set(by_model) == {"kobart-tiny", "llama-tiny", "qwen3-tiny-qlora"}
+
+    ok, failing, blocked = by_model["kobart-tiny"][0], by_model["llama-tiny"][0], by_model["qwen3-tiny-qlora"][0]
+    assert ok.data.tags["dialogsum.status"] == "succeeded" and "best_eval_final" in ok.data.metrics
+    assert failing.data.tags["dialogsum.status"] == "failed" and failing.data.tags["error.stage"] == "load"
+    failing_artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(failing.info.run_id, "errors")}
+    assert failing_artifacts == {"errors/error.json", "errors/traceback.txt"}
+    assert blocked.data.tags["error.type"] == "PreflightBlocked" and blocked.data.tags["error.stage"] == "preflight"
+    assert "bf16" in blocked.data.tags["error.message"]
+    assert "time_load_s" not in blocked.data.metrics, "a blocked model never reaches loading"
+    assert (blocked.info.end_time - blocked.info.start_time) / 1000 < 5
+    assert all(r.data.tags.get("mlflow.parentRunId") == parent_id for r in children)
+
+    failed = mlflow.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and tags.`dialogsum.status` = 'failed'",
+        output_format="list",
+    )
+    assert {r.data.tags["dialogsum.model"] for r in failed} == {"llama-tiny", "qwen3-tiny-qlora"}
+
+    tags = parent.data.tags
+    assert (tags["dialogsum.succeeded"], tags["dialogsum.failed"], tags["dialogsum.skipped"]) == ("1", "2", "0")
+    assert tags["dialogsum.best_model"] == "kobart-tiny"
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent_id)}
+    assert {"matrix.csv", "matrix.md", "matrix.html", "matrix.png", "report.md", "report.html", "pipeline.yaml"} <= artifacts
+    matrix = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent_id, artifact_path="matrix.csv"))
+    cell = {(r.model, r.stage): r for r in matrix.itertuples()}
+    assert cell[("qwen3-tiny-qlora", "preflight")].status == "blocked"
+    assert cell[("llama-tiny", "train")].status == "failed"
+    assert cell[("kobart-tiny", "eval")].status == "succeeded"
+    report = Path(mlflow.artifacts.download_artifacts(run_id=parent_id, artifact_path="report.md")).read_text()
+    assert "PreflightBlocked" in report and "hidden size" in report and "kobart-tiny" in report
+
+    resumed = run_pipeline(resume_run_id=parent_id)
+    assert resumed == parent_id
+    after = _by_model(_children(parent_id))
+    assert len(after["kobart-tiny"]) == 1, "the succeeded model is not rerun"
+    assert len(after["llama-tiny"]) == 2 and len(after["qwen3-tiny-qlora"]) == 2
+
+
+def test_quickstart_pipeline_runs_offline_and_reports(mlflow_store, monkeypatch):
+    for key in ("UPSTAGE_API_KEY", "SOLAR_API_KEY"):
+        monkeypatch.delenv(key, raising=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "dialogsum", "pipeline", "--config", str(REPO / "configs/pipelines/quickstart.yaml")],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    parent = mlflow.search_runs(
+        search_all_experiments=True, filter_string="tags.`dialogsum.kind` = 'pipeline'", output_format="list"
+    )[0]
+    children = _children(parent.info.run_id)
+    status = {(r.data.tags["dialogsum.kind"], r.data.tags["dialogsum.model"]): r.data.tags["dialogsum.status"] for r in children}
+    assert status[("train", "kobart-tiny")] == "succeeded"
+    assert status[("train", "qwen3-tiny-qlora")] == "succeeded"
+    assert status[("solar", "solar-api")] == "skipped", "no API key here: Solar is skipped with the reason"
+    report = Path(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="report.md")).read_text()
+    assert "UPSTAGE_API_KEY" in report
+    assert all(s in ("succeeded", "skipped") for s in status.values()), status
