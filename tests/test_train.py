@@ -49,7 +49,8 @@ def test_kobart_tiny_run_tells_the_whole_story(mlflow_store, shared):
     assert _history(run_id, "train_loss"), "training loss is logged every N steps"
     assert run.data.params["training.epochs"] == "2"
     assert run.data.params["tokenizer.path"].endswith("tokenizers/kobart")
-    assert int(run.data.params["model.added_tokens"]) == 15
+    assert int(run.data.params["model.dialogue_tag_tokens"]) == 15
+    assert int(run.data.params["model.vocab_size"]) == 30000 + 15
     assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"labeled.csv"}
 
     client = mlflow.MlflowClient()

@@ -168,10 +168,10 @@ def read_dialogues(path: str | Path, require_summary: bool | None = None) -> Dia
             if column == "topic":
                 values[column] = cell.strip() or None
                 continue
-            if not cell.strip():
-                problems.append((name, row_no, column, "empty cell"))
-                continue
             cleaned, found = clean_text(cell) if column != "fname" else (cell.strip(), [])
+            if not cleaned:
+                problems.append((name, row_no, column, "empty cell" + (" after cleaning" if cell.strip() else "")))
+                continue
             for kind in found:
                 report.cleaned_cells[f"{column}: {kind}"] += 1
             values[column] = cleaned

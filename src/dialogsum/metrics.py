@@ -1,22 +1,27 @@
 """Korean ROUGE, as the competition scores it: ROUGE-1/2/L F1 on Korean morphemes, averaged over references.
 
-Built on rouge-score's `RougeScorer` with a Korean tokenizer (rouge-score's default tokenizer deletes every
+Built on rouge-score's scorer with a Korean tokenizer (rouge-score's default tokenizer deletes every
 Hangul character, which made the original numbers meaningless). Morphemes come from Kiwi; `#Person1#`-style
-tags stay one token (Kiwi would split them). Punctuation and symbol morphemes are dropped, as rouge-score's
-own tokenizer drops non-alphanumerics; Latin text is lower-cased.
+tags are pinned as one token inside Kiwi's analysis (Kiwi would split them, and a particle cut off from its tag
+is misread). Punctuation and symbol morphemes are dropped, as rouge-score's own tokenizer drops
+non-alphanumerics; Latin text is lower-cased.
 
-Each distinct text is tokenized once per tokenizer (a memo shared by all calls), in one batched Kiwi call.
+Each distinct text is tokenized once per tokenizer (a memo shared by all calls), in one batched Kiwi call, and
+its n-gram counts are built once per call; pairs are then scored with rouge-score's own n-gram and LCS functions,
+giving exactly `RougeScorer.score`'s numbers.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
-from rouge_score import rouge_scorer
+from rouge_score import rouge_scorer, scoring
 
-from dialogsum.data import protect_tags
+from dialogsum.data import TAG_PATTERN, protect_tags
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 TokenMode = Literal["morpheme", "whitespace"]
@@ -58,23 +63,29 @@ class KoreanTokenizer:
         todo = list(dict.fromkeys(t for t in texts if t not in self._memo))
         if not todo:
             return
-        split = [protect_tags(t) for t in todo]
-        plain = list(dict.fromkeys(p for pieces in split for p, is_tag in pieces if not is_tag and p.strip()))
-        plain_tokens = dict(zip(plain, self._tokenize_plain(plain)))
-        for text, pieces in zip(todo, split):
-            tokens: list[str] = []
-            for piece, is_tag in pieces:
-                if is_tag:
-                    tokens.append(piece)
-                elif piece.strip():
-                    tokens.extend(plain_tokens[piece])
+        tokenize = self._morphemes if self.mode == "morpheme" else self._words
+        for text, tokens in zip(todo, tokenize(todo)):
             self._memo[text] = tuple(tokens)
 
-    def _tokenize_plain(self, texts: list[str]) -> list[list[str]]:
-        if self.mode == "whitespace":
-            return [[w.lower() for w in t.split()] for t in texts]
-        results = _get_kiwi().tokenize(texts)
-        return [[tok.form.lower() for tok in toks if not tok.tag.startswith(_DROPPED_TAG_PREFIXES)] for toks in results]
+    @staticmethod
+    def _words(texts: list[str]) -> list[list[str]]:
+        """Lower-cased whitespace words; a tag is a word of its own (`#Person1#는` → `#Person1#`, `는`)."""
+        return [
+            [word for piece, is_tag in protect_tags(text) for word in ([piece] if is_tag else piece.lower().split())]
+            for text in texts
+        ]
+
+    @staticmethod
+    def _morphemes(texts: list[str]) -> list[list[str]]:
+        """Kiwi morphemes, punctuation dropped, lower-cased. Each tag is pinned as one proper-noun token, so
+        Kiwi analyses the particle after it in context (cut out on its own, `는` would read as the verb 늘-)."""
+        results = _get_kiwi().tokenize(texts, pretokenized=_tag_spans)
+        kept = [[tok.form for tok in toks if not tok.tag.startswith(_DROPPED_TAG_PREFIXES)] for toks in results]
+        return [[form if TAG_PATTERN.fullmatch(form) else form.lower() for form in forms] for forms in kept]
+
+
+def _tag_spans(text: str) -> list[tuple[int, int, str]]:
+    return [(m.start(), m.end(), "NNP") for m in TAG_PATTERN.finditer(text)]
 
 
 _tokenizers: dict[str, KoreanTokenizer] = {}
@@ -85,6 +96,42 @@ def korean_tokenizer(mode: TokenMode = "morpheme") -> KoreanTokenizer:
     if mode not in _tokenizers:
         _tokenizers[mode] = KoreanTokenizer(mode)
     return _tokenizers[mode]
+
+
+@dataclass(frozen=True)
+class _TextStats:
+    """One text's tokens and n-gram counts, built once however many pairs the text is in."""
+
+    tokens: list[str]
+    unigrams: Counter
+    bigrams: Counter
+    vocabulary: frozenset[str]
+
+    @classmethod
+    def of(cls, tokens: list[str]) -> "_TextStats":
+        ngrams = [rouge_scorer._create_ngrams(tokens, n) for n in (1, 2)]
+        return cls(tokens, *ngrams, frozenset(tokens))
+
+
+def _pair_fmeasures(target: _TextStats, prediction: _TextStats) -> dict[str, float]:
+    """ROUGE-1/2/L F1 exactly as `RougeScorer.score(target, prediction)` computes them (its own functions)."""
+    return {
+        "rouge1": rouge_scorer._score_ngrams(target.unigrams, prediction.unigrams).fmeasure,
+        "rouge2": rouge_scorer._score_ngrams(target.bigrams, prediction.bigrams).fmeasure,
+        "rougeL": _lcs_fmeasure(target, prediction),
+    }
+
+
+def _lcs_fmeasure(target: _TextStats, prediction: _TextStats) -> float:
+    """rouge-score's LCS F1. The LCS table is built over the tokens both texts contain: a token missing from one
+    side is in no common subsequence, so the LCS length (and the score) is unchanged and the table is smaller."""
+    if not target.tokens or not prediction.tokens:
+        return 0.0
+    shared = target.vocabulary & prediction.vocabulary
+    target_shared = [t for t in target.tokens if t in shared]
+    prediction_shared = [t for t in prediction.tokens if t in shared]
+    lcs = rouge_scorer._lcs_table(target_shared, prediction_shared)[-1][-1] if shared else 0
+    return scoring.fmeasure(lcs / len(prediction.tokens), lcs / len(target.tokens))
 
 
 def _as_reference_lists(references: Sequence[str | Sequence[str]]) -> list[list[str]]:
@@ -104,15 +151,16 @@ def score_rows(
         if not r:
             raise ValueError(f"row {i}: no reference")
     tokenizer = korean_tokenizer(mode)
-    tokenizer.prime([*predictions, *(x for r in refs for x in r)])
-    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), tokenizer=tokenizer)
+    texts = list(dict.fromkeys([*predictions, *(x for r in refs for x in r)]))
+    tokenizer.prime(texts)
+    stats = {text: _TextStats.of(tokenizer.tokenize(text)) for text in texts}
     rows = []
     for pred, row_refs in zip(predictions, refs):
         sums = dict.fromkeys(ROUGE_TYPES, 0.0)
         for ref in row_refs:
-            scores = scorer.score(ref, pred)
+            scores = _pair_fmeasures(stats[ref], stats[pred])
             for t in ROUGE_TYPES:
-                sums[t] += scores[t].fmeasure
+                sums[t] += scores[t]
         row = {t: sums[t] / len(row_refs) for t in ROUGE_TYPES}
         row["final"] = 100.0 * sum(row[t] for t in ROUGE_TYPES) / len(ROUGE_TYPES)
         rows.append(row)

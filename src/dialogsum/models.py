@@ -140,7 +140,7 @@ class BuiltModel:
     model: Any
     tokenizer: Any
     base_source: str
-    new_token_ids: list[int]
+    tag_token_ids: list[int]
 
 
 def build_model(cfg: ModelConfig, tokenizer, policy: PrecisionPolicy, for_training: bool = True) -> BuiltModel:
@@ -157,16 +157,15 @@ def build_model(cfg: ModelConfig, tokenizer, policy: PrecisionPolicy, for_traini
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": 0} if policy.device == "cuda" else {"": "cpu"}
     model = auto.from_pretrained(source, **kwargs)
-    old_vocab = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) != old_vocab:
+    if len(tokenizer) != model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
-    new_ids = list(range(old_vocab, len(tokenizer)))
+    tag_ids = tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)
     _align_special_ids(model, tokenizer)
     if cfg.lora is not None and for_training:
-        model = _wrap_lora(model, cfg, new_ids)
+        model = _wrap_lora(model, cfg, tag_ids)
     elif cfg.training.gradient_checkpointing and for_training:
         model.gradient_checkpointing_enable()
-    return BuiltModel(model, tokenizer, source, new_ids)
+    return BuiltModel(model, tokenizer, source, tag_ids)
 
 
 def _align_special_ids(model, tokenizer) -> None:
@@ -177,7 +176,7 @@ def _align_special_ids(model, tokenizer) -> None:
             model.generation_config.eos_token_id = tokenizer.eos_token_id
 
 
-def _wrap_lora(model, cfg: ModelConfig, new_token_ids: list[int]):
+def _wrap_lora(model, cfg: ModelConfig, tag_token_ids: list[int]):
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
     assert cfg.lora is not None
@@ -192,8 +191,8 @@ def _wrap_lora(model, cfg: ModelConfig, new_token_ids: list[int]):
         lora_dropout=cfg.lora.dropout,
         target_modules=cfg.lora.targets,
         task_type=TaskType.SEQ_2_SEQ_LM if cfg.task == "seq2seq" else TaskType.CAUSAL_LM,
-        # The added dialogue tags start as untrained rows: train just those rows of the input embedding.
-        trainable_token_indices={EMBEDDING_MODULE[cfg.family]: new_token_ids} if new_token_ids else None,
+        # The dialogue tags' embedding rows are new (or never trained as tags): train just those rows.
+        trainable_token_indices={EMBEDDING_MODULE[cfg.family]: tag_token_ids},
     )
     return get_peft_model(model, lora)
 

@@ -10,8 +10,10 @@ Rules (one place, used by both):
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Literal
 
 MixedPrecision = Literal["no", "bf16", "fp16"]
@@ -66,12 +68,21 @@ def validate_policy(policy: PrecisionPolicy) -> None:
         raise PrecisionError(f"compute dtype {policy.compute_dtype} does not match {policy.mixed_precision} autocast")
 
 
-def detect_device() -> DeviceInfo:
-    import torch
+def _no_nvidia_driver() -> bool:
+    """True on a Linux machine without the NVIDIA driver, where CUDA cannot work; lets CPU machines skip importing
+    torch (seconds). WSL exposes GPUs through /dev/dxg instead, so it is never ruled out here."""
+    if sys.platform != "linux" or Path("/dev/dxg").exists():
+        return False
+    return not any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia/version"))
 
-    if torch.cuda.is_available():
-        free, total = torch.cuda.mem_get_info()
-        return DeviceInfo("cuda", torch.cuda.get_device_name(), torch.cuda.is_bf16_supported(), total, free)
+
+def detect_device() -> DeviceInfo:
+    if not _no_nvidia_driver():
+        import torch
+
+        if torch.cuda.is_available():
+            free, total = torch.cuda.mem_get_info()
+            return DeviceInfo("cuda", torch.cuda.get_device_name(), torch.cuda.is_bf16_supported(), total, free)
     import psutil
 
     mem = psutil.virtual_memory()

@@ -130,8 +130,12 @@ def weights_available(source: str) -> tuple[bool, str]:
     if Path(source).expanduser().is_dir():
         return True, f"local folder {source}"
     from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
 
-    cached = try_to_load_from_cache(source, "config.json")
+    try:
+        cached = try_to_load_from_cache(source, "config.json")
+    except HFValidationError:
+        return False, f"weights unreachable: '{source}' is neither an existing local folder nor a valid hub id"
     if isinstance(cached, str):
         return True, "Hugging Face cache"
     online, why = hub_reachable()

@@ -165,7 +165,7 @@ def run_training(
         quantized = sum(1 for m in model.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt"))
         mlflow.log_params({"model.trainable_params": trainable, "model.total_params": sum(p.numel() for p in model.parameters()),
                            "model.quantized_linear_layers": quantized,
-                           "model.added_tokens": len(built.new_token_ids), "model.weights_source": built.base_source,
+                           "model.dialogue_tag_tokens": len(set(built.tag_token_ids)), "model.vocab_size": len(tokenizer), "model.weights_source": built.base_source,
                            "runtime.precision": policy.label, "runtime.num_processes": accelerator.num_processes})  # fmt: skip
 
     with stage("tokenize"):
