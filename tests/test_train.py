@@ -125,6 +125,7 @@ def test_hub_model_offline_fails_fast_with_a_clear_reason(mlflow_store, shared, 
 
 def test_sigterm_marks_the_run_killed(mlflow_store, shared):
     labeled = shared("data/dialogsum-ko/labeled.csv")
+    mlflow.set_experiment("dialogsum")  # create the store first: polling a half-migrated SQLite file races
     process = subprocess.Popen(
         [sys.executable, "-m", "dialogsum", "train", "--model", "kobart-tiny", "--train-data", str(labeled),
          "--eval-data", str(labeled), "--epochs", "50", "--max-eval-samples", "4",
@@ -133,7 +134,7 @@ def test_sigterm_marks_the_run_killed(mlflow_store, shared):
     )  # fmt: skip
     deadline = time.time() + 240
     while time.time() < deadline:
-        runs = mlflow.search_runs(output_format="list", experiment_names=["dialogsum"]) if Path("mlflow.db").exists() else []
+        runs = mlflow.search_runs(output_format="list", experiment_names=["dialogsum"])
         if runs and mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "train_loss"):
             break
         time.sleep(1)

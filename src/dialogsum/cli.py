@@ -87,6 +87,40 @@ def train(
         _fail(e)
 
 
+def _skip_ensemble(error: Exception) -> None:
+    """Fewer than two usable sources. A run opened for this command ($MLFLOW_RUN_ID: the pipeline's child or
+    `mlflow run`'s) ends SKIPPED with the reason; without one the command fails."""
+    import os
+
+    from dialogsum.tracking import close_run
+
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        _fail(error)
+    close_run(run_id, "skipped", "ensemble", message=str(error))
+    console.print(f"[yellow]ensemble skipped:[/yellow] {error}")
+
+
+def _ensemble_table(run_id: str, strategy: str):
+    """Each source's eval_final and win share next to the ensemble's and the oracle's (labelled as an upper bound)."""
+    import mlflow
+    from rich.table import Table
+
+    metrics = mlflow.get_run(run_id).data.metrics
+    table = Table(title=f"ensemble {strategy} (eval_final on the same rows)")
+    for column in ("candidate", "eval_final", "win share"):
+        table.add_column(column)
+    for name, share in sorted(metrics.items()):
+        if name.startswith("win_share_"):
+            label = name.removeprefix("win_share_")
+            final = metrics.get(f"source_{label}_eval_final")
+            table.add_row(label, "-" if final is None else f"{final:.2f}", f"{share:.2f}")
+    if "eval_final" in metrics:
+        table.add_row(f"ensemble ({strategy})", f"{metrics['eval_final']:.2f}", "")
+        table.add_row("oracle (upper bound, uses references)", f"{metrics['oracle_eval_final']:.2f}", "")
+    return table
+
+
 @app.command()
 def ensemble(
     runs: Annotated[str, typer.Option(help="Comma-separated source run ids")] = "",
@@ -98,8 +132,6 @@ def ensemble(
     folds: Annotated[int, typer.Option(help="Cross-validation folds for stacking")] = 5,
 ) -> None:
     """Ensemble the summaries of tracked runs (MBR consensus, weighted MBR or a stacking selector)."""
-    from rich.table import Table
-
     from dialogsum.data import DataError
     from dialogsum.ensemble import FnameMismatch, NotEnoughSources, run_ensemble, source_runs_of_parent, top_k_source_runs
     from dialogsum.tracking import TrackingError, configure_tracking, ui_hint
@@ -115,23 +147,12 @@ def ensemble(
         else:
             run_ids = top_k_source_runs(top_k, metric)
         run_id = run_ensemble(run_ids, strategy, data_path=data or None, parent_run_id=parent or None, metric=metric, folds=folds)
-    except (NotEnoughSources, FnameMismatch, DataError, TrackingError, ValueError) as e:
+    except NotEnoughSources as e:
+        _skip_ensemble(e)
+        return
+    except (FnameMismatch, DataError, TrackingError, ValueError) as e:
         _fail(e)
-    import mlflow
-
-    metrics = mlflow.get_run(run_id).data.metrics
-    table = Table(title=f"ensemble {strategy} (eval_final on the same rows)")
-    for column in ("candidate", "eval_final", "win share"):
-        table.add_column(column)
-    for name, share in sorted(metrics.items()):
-        if name.startswith("win_share_"):
-            label = name.removeprefix("win_share_")
-            final = metrics.get(f"source_{label}_eval_final")
-            table.add_row(label, "-" if final is None else f"{final:.2f}", f"{share:.2f}")
-    if "eval_final" in metrics:
-        table.add_row(f"ensemble ({strategy})", f"{metrics['eval_final']:.2f}", "")
-        table.add_row("oracle (upper bound, uses references)", f"{metrics['oracle_eval_final']:.2f}", "")
-    Console().print(table)
+    Console().print(_ensemble_table(run_id, strategy))
     console.print(f"run {run_id}\nopen: {ui_hint(run_id)}")
 
 
@@ -250,12 +271,14 @@ def register(
     from dialogsum.tracking import TrackingError, configure_tracking
 
     try:
-        configure_tracking(experiment or None)
-        done = run_register(experiment=experiment or None, parent_run_id=parent or None, run_id=run or None, metric=metric, name=name)
+        configure_tracking()
+        scope = {"experiment": experiment or None, "parent_run_id": parent or None, "run_id": run or None}
+        done = run_register(**scope, metric=metric, name=name)
     except (RegistryError, TrackingError) as e:
         _fail(e)
     score = "no score" if done.score is None else f"{metric}={done.score:.4g}"
-    console.print(f"models:/{name}/{done.version} ← run {done.run_id} ({score}, best of {done.candidates}) is @{CHAMPION_ALIAS}")
+    chosen = "given" if run else f"best of {done.candidates}"
+    console.print(f"models:/{name}/{done.version} ← run {done.run_id} ({score}, {chosen}) is @{CHAMPION_ALIAS}")
     if done.previous_version:
         console.print(f"models:/{name}/{done.previous_version} is @{PREVIOUS_ALIAS}")
 
@@ -263,10 +286,14 @@ def register(
 @app.command()
 def predict(
     data: Annotated[Path, typer.Option(help="CSV with fname,dialogue (a summary column is ignored)")],
-    model_uri: Annotated[str, typer.Option(help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/model")] = "models:/dialogsum-ko@champion",
+    model_uri: Annotated[str, typer.Option(help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/model")] = (
+        "models:/dialogsum-ko@champion"
+    ),
     out: Annotated[Path, typer.Option(help="Submission CSV to write (fname,summary)")] = Path("submission.csv"),
     batch_size: Annotated[int, typer.Option(help="Dialogues per generation batch")] = 16,
-    param: Annotated[Optional[list[str]], typer.Option("--param", help="Generation override key=value (repeatable), e.g. num_beams=1")] = None,
+    param: Annotated[
+        Optional[list[str]], typer.Option("--param", help="Generation override key=value (repeatable), e.g. num_beams=1")
+    ] = None,
 ) -> None:
     """Write a submission (fname,summary in input order), validated and logged to a `predict` run."""
     import mlflow

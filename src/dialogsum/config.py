@@ -176,20 +176,22 @@ def parse_config(schema: type[BaseModel], data: dict[str, Any], path: Path) -> A
 
 
 def configs_dir() -> Path:
-    """The configs folder: $DIALOGSUM_CONFIGS, else the repository's `configs/`, else the packaged copy."""
+    """The configs folder: $DIALOGSUM_CONFIGS, else the checkout's `configs/` (editable install), else ./configs."""
     env = os.environ.get("DIALOGSUM_CONFIGS")
     if env:
         return Path(env)
     repo_configs = Path(__file__).resolve().parents[2] / "configs"
     if repo_configs.is_dir():
         return repo_configs
-    return Path(__file__).resolve().parent / "configs"
+    return Path.cwd() / "configs"
 
 
 class ModelRegistry:
     """All model configs of one folder, addressable by canonical name or alias."""
 
     def __init__(self, folder: Path):
+        if not any(folder.glob("*.yaml")):
+            raise ConfigError(f"no model configs in {folder}: run from a dialogsum checkout or set DIALOGSUM_CONFIGS")
         self.folder = folder
         self.configs: dict[str, ModelConfig] = {}
         self.sources: dict[str, Path] = {}

@@ -18,7 +18,6 @@ that needs the reference, not an achievable score. Ties go to the earlier source
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,12 +26,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
-from rouge_score import rouge_scorer
 
-from dialogsum.metrics import ROUGE_TYPES, TokenMode, aggregate, korean_tokenizer, score_rows
+from dialogsum.data import DialogueSet, read_dialogues
+from dialogsum.metrics import ROUGE_TYPES, TokenMode, pair_fmeasures, TextStats, korean_tokenizer, score_rows
 from dialogsum.tracking import (
     KIND_TAG,
     MODEL_TAG,
+    PREDICTIONS_ARTIFACT,
     STATUS_TAG,
     load_predictions,
     log_config,
@@ -43,7 +43,6 @@ from dialogsum.tracking import (
 
 STRATEGIES = ("mbr", "weighted_mbr", "stacking")
 SOURCE_KINDS = ("train", "solar")
-MODEL_ARTIFACT = "model"
 SOURCES_ARTIFACT = "ensemble/sources.json"
 SUMMARY_ARTIFACT = "ensemble/summary.json"
 STRATEGY_TAG = "dialogsum.ensemble.strategy"
@@ -152,10 +151,16 @@ def describe_run(run_id: str, metric: str) -> Source:
 
 def usable_table(run_id: str) -> pd.DataFrame:
     """A run's predictions table with a `usable` column: no error and a prediction text."""
-    table = load_predictions(run_id)
-    missing = [c for c in ("fname", "prediction") if c not in table.columns]
+    try:
+        table = load_predictions(run_id)
+    except Exception as e:  # a missing artifact surfaces as different MLflow/OS errors per store
+        raise ValueError(f"no predictions table {PREDICTIONS_ARTIFACT} ({type(e).__name__})") from e
+    missing = [c for c in ("fname", "dialogue", "prediction") if c not in table.columns]
     if missing:
         raise ValueError(f"its predictions table lacks column(s) {', '.join(missing)}")
+    repeated = sorted(set(table["fname"][table["fname"].duplicated()]))
+    if repeated:
+        raise ValueError(f"its predictions table repeats fname(s) {', '.join(repeated[:10])}")
     errors = table["error"] if "error" in table.columns else pd.Series([None] * len(table))
     no_error = errors.isna().to_numpy() | (errors.astype(str).str.strip() == "").to_numpy()
     has_text = table["prediction"].map(lambda p: isinstance(p, str)).to_numpy()
@@ -169,10 +174,12 @@ def has_model(run_id: str) -> None:
     """Raise unless the run logged a model under `model` (reads only the model's metadata)."""
     import mlflow
 
+    from dialogsum.serving import MODEL_ARTIFACT_PATH
+
     try:
-        mlflow.models.get_model_info(f"runs:/{run_id}/{MODEL_ARTIFACT}")
+        mlflow.models.get_model_info(f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}")
     except Exception as e:
-        raise ValueError(f"no model logged at runs:/{run_id}/{MODEL_ARTIFACT} ({type(e).__name__})") from e
+        raise ValueError(f"no model logged at runs:/{run_id}/{MODEL_ARTIFACT_PATH} ({type(e).__name__})") from e
 
 
 def resolve_sources(run_ids: Sequence[str], metric: str, need_model: bool) -> tuple[list[Source], list[tuple[str, str]]]:
@@ -234,10 +241,7 @@ def candidates_from_tables(sources: list[Source]) -> CandidateSet:
     first = sources[0].table
     by_source = [s.table.set_index("fname") for s in sources]
     fnames = list(first["fname"])
-    texts = [
-        [t.at[f, "prediction"] if t.at[f, "usable"] else None for t in by_source]
-        for f in fnames
-    ]
+    texts = [[t.at[f, "prediction"] if t.at[f, "usable"] else None for t in by_source] for f in fnames]
     references = reference_column(first)
     return CandidateSet(fnames, list(first["dialogue"]), references, texts)
 
@@ -256,7 +260,9 @@ def generate_predictions(source: Source, dialogues: list[str]) -> list[str]:
     """The source's logged pyfunc model's summaries for the dialogues."""
     import mlflow
 
-    model = mlflow.pyfunc.load_model(f"runs:/{source.run_id}/{MODEL_ARTIFACT}")
+    from dialogsum.serving import MODEL_ARTIFACT_PATH
+
+    model = mlflow.pyfunc.load_model(f"runs:/{source.run_id}/{MODEL_ARTIFACT_PATH}")
     output = model.predict(pd.DataFrame({"dialogue": dialogues}))
     summaries = list(output.iloc[:, 0] if isinstance(output, pd.DataFrame) else output)
     if len(summaries) != len(dialogues):
@@ -264,10 +270,7 @@ def generate_predictions(source: Source, dialogues: list[str]) -> list[str]:
     return [str(s) for s in summaries]
 
 
-def candidates_from_models(sources: list[Source], data_path: str | Path) -> CandidateSet:
-    from dialogsum.data import read_dialogues
-
-    dataset = read_dialogues(data_path)
+def candidates_from_models(sources: list[Source], dataset: DialogueSet) -> CandidateSet:
     per_source = [generate_predictions(s, dataset.dialogues) for s in sources]
     references = dataset.summaries if dataset.report.labelled else None
     return CandidateSet(dataset.fnames, dataset.dialogues, references, [list(row) for row in zip(*per_source)])
@@ -277,29 +280,34 @@ def candidates_from_models(sources: list[Source], data_path: str | Path) -> Cand
 
 
 class PairwiseRouge:
-    """Symmetric similarity (R1+R2+RL)/3 F1 between candidate texts, with rouge-score's scorer on Korean tokens.
+    """Symmetric similarity (R1+R2+RL)/3 F1 between candidate texts, scored as `dialogsum.metrics` scores ROUGE.
 
     ROUGE F1 is symmetric, so each distinct unordered pair of a dialogue is scored once (`pairs_scored` counts
-    them); identical texts score 1 (0 when empty) without a scorer call. Tokens come from the shared memoizing
-    Korean tokenizer, so each distinct text is tokenized once (prime it with all texts first).
+    them); identical texts score 1 (0 when empty) without scoring. Each distinct text is tokenized once by the
+    shared memoizing Korean tokenizer (prime it with all texts first) and gets its n-gram counts built once.
     """
 
     def __init__(self, mode: TokenMode = "morpheme"):
         self.tokenizer = korean_tokenizer(mode)
-        self._scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), tokenizer=self.tokenizer)
+        self._stats: dict[str, TextStats] = {}
         self.pairs_scored = 0
+
+    def stats(self, text: str) -> TextStats:
+        if text not in self._stats:
+            self._stats[text] = TextStats.of(self.tokenizer.tokenize(text))
+        return self._stats[text]
 
     def similarity(self, a: str, b: str) -> float:
         self.pairs_scored += 1
-        scores = self._scorer.score(a, b)
-        return sum(scores[t].fmeasure for t in ROUGE_TYPES) / len(ROUGE_TYPES)
+        scores = pair_fmeasures(self.stats(a), self.stats(b))
+        return sum(scores[t] for t in ROUGE_TYPES) / len(ROUGE_TYPES)
 
     def matrix(self, texts: Sequence[str]) -> np.ndarray:
         """The texts' pairwise similarities (n × n)."""
         distinct = list(dict.fromkeys(texts))
         sim = np.zeros((len(distinct), len(distinct)))
         for a, text in enumerate(distinct):
-            sim[a, a] = 1.0 if self.tokenizer.tokenize(text) else 0.0
+            sim[a, a] = 1.0 if self.stats(text).tokens else 0.0
             for b in range(a + 1, len(distinct)):
                 sim[a, b] = sim[b, a] = self.similarity(text, distinct[b])
         position = {text: i for i, text in enumerate(distinct)}
@@ -342,7 +350,7 @@ def build_frame(candidates: CandidateSet, sources: list[Source], pairwise: Pairw
                     "weighted_consensus": weighted[k],
                     "consensus_gap": plain[k] - plain.max(),
                     "length_ratio": len(row_texts[k]) / max(len(dialogue), 1),
-                    "tokens": len(pairwise.tokenizer.tokenize(row_texts[k])),
+                    "tokens": len(pairwise.stats(row_texts[k]).tokens),
                     "source_score": sources[i].score or 0.0,
                     "n_candidates": len(present),
                 }
@@ -407,32 +415,36 @@ class Selection:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def require_labels(frame: pd.DataFrame, what: str) -> None:
+def out_of_fold_picks(frame: pd.DataFrame, n_sources: int, folds: int, what: str) -> tuple[pd.Index, int]:
+    """Per dialogue, the candidate a selector trained on the other folds' dialogues ranks highest."""
     if "final" not in frame.columns:
         raise ValueError(f"{what} needs labelled rows (a reference per dialogue)")
+    features, target = stacking_matrix(frame, n_sources), relative_target(frame)
+    predicted, used = out_of_fold_predictions(features, target, frame["row"].to_numpy(), folds)
+    return pick_highest(frame.assign(stacking=predicted), "stacking"), used
 
 
 def select_stacking(
     frame: pd.DataFrame, sources: list[Source], folds: int, training_frame: pd.DataFrame | None
 ) -> Selection:
     """Out-of-fold stacking on labelled rows; on unlabelled rows, a selector trained on `training_frame`."""
-    params = {"features": stacking_feature_names(sources), "model": "GradientBoostingRegressor", "model_params": STACKING_PARAMS,
-              "target": "candidate ROUGE final minus the dialogue's candidate mean"}
+    params = {
+        "features": stacking_feature_names(sources),
+        "model": "GradientBoostingRegressor",
+        "model_params": STACKING_PARAMS,
+        "target": "candidate ROUGE final minus the dialogue's candidate mean",
+    }
+    n = len(sources)
     if training_frame is None:
-        require_labels(frame, "stacking")
-        oof, used = out_of_fold_predictions(stacking_matrix(frame, len(sources)), relative_target(frame), frame["row"].to_numpy(), folds)
-        scored = frame.assign(stacking=oof)
-        return Selection(pick_highest(scored, "stacking"), {**params, "folds": used, "scored": "out-of-fold (GroupKFold by fname)"})
-    require_labels(training_frame, "stacking's selector")
-    train_x, train_y = stacking_matrix(training_frame, len(sources)), relative_target(training_frame)
-    oof, used = out_of_fold_predictions(train_x, train_y, training_frame["row"].to_numpy(), folds)
-    cv_score = aggregate(training_frame.loc[pick_highest(training_frame.assign(stacking=oof), "stacking"), list(SCORE_COLUMNS)].to_dict("records"))
-    selector = new_selector().fit(train_x, train_y)
-    scored = frame.assign(stacking=selector.predict(stacking_matrix(frame, len(sources))))
+        picks, used = out_of_fold_picks(frame, n, folds, "stacking")
+        return Selection(picks, {**params, "folds": used, "scored": "out-of-fold (GroupKFold by fname)"})
+    oof_picks, used = out_of_fold_picks(training_frame, n, folds, "stacking's selector")
+    selector = new_selector().fit(stacking_matrix(training_frame, n), relative_target(training_frame))
+    applied = frame.assign(stacking=selector.predict(stacking_matrix(frame, n)))
     return Selection(
-        pick_highest(scored, "stacking"),
+        pick_highest(applied, "stacking"),
         {**params, "folds": used, "trained_on": "the sources' logged prediction tables"},
-        {"selector_oof_eval_final": cv_score["final"]},
+        {"selector_oof_eval_final": float(training_frame.loc[oof_picks, "final"].mean())},
     )
 
 
@@ -537,10 +549,41 @@ def description(strategy: str, metrics: dict[str, float], sources: list[Source])
 # --- the tracked run ----------------------------------------------------------------------------------------
 
 
-def prepare_sources(run_ids: Sequence[str], strategy: str, data_path: str | Path | None, metric: str) -> tuple[list[Source], list[tuple[str, str]]]:
-    """Resolve and check the sources before any run exists: NotEnoughSources, FnameMismatch, missing scores."""
+def ensemble_config(
+    strategy: str, metric: str, mode: str, data_path: str | Path | None, sources: list[Source], selection: Selection
+) -> dict[str, Any]:
+    """The run's parameters, under `ensemble.` so they never collide with the MLproject entry point's own."""
+    return {
+        "ensemble": {
+            "strategy": strategy,
+            "metric": metric,
+            "token_mode": mode,
+            "candidates": str(data_path) if data_path else "the sources' logged prediction tables",
+            "sources": {s.label: s.run_id for s in sources},
+            strategy: selection.params,
+        }
+    }
+
+
+def check_stacking_labels(sources: list[Source], dataset: DialogueSet | None) -> None:
+    """Stacking learns from labelled rows: the data CSV's, else the sources' tables (loaded here for an unlabelled CSV)."""
+    if dataset is not None and dataset.report.labelled:
+        return
+    if dataset is not None:
+        load_tables(sources)
+        check_fnames(sources)
+    if reference_column(sources[0].table) is None:
+        raise ValueError("stacking trains its selector on labelled rows, but the sources' prediction tables have no references")
+
+
+def prepare_sources(
+    run_ids: Sequence[str], strategy: str, data_path: str | Path | None, metric: str, folds: int
+) -> tuple[list[Source], list[tuple[str, str]], DialogueSet | None]:
+    """Resolve and check sources and data before any run exists (NotEnoughSources, FnameMismatch, ...)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy '{strategy}' ({', '.join(STRATEGIES)})")
+    if strategy == "stacking" and folds < 2:
+        raise ValueError(f"stacking cross-validates with at least 2 folds, got {folds}")
     sources, unusable = resolve_sources(run_ids, metric, need_model=data_path is not None)
     if len(sources) < 2:
         raise NotEnoughSources([s.run_id for s in sources], unusable)
@@ -548,9 +591,12 @@ def prepare_sources(run_ids: Sequence[str], strategy: str, data_path: str | Path
         unscored = [f"{s.label} ({s.run_id})" for s in sources if s.score is None]
         if unscored:
             raise ValueError(f"weighted_mbr weighs sources by '{metric}', which these did not log: {', '.join(unscored)}")
-    if data_path is None:
+    dataset = read_dialogues(data_path) if data_path else None
+    if dataset is None:
         check_fnames(sources)
-    return sources, unusable
+    if strategy == "stacking":
+        check_stacking_labels(sources, dataset)
+    return sources, unusable, dataset
 
 
 def run_ensemble(
@@ -566,13 +612,13 @@ def run_ensemble(
 ) -> str:
     """Ensemble the sources' summaries in a new tracked run and return its run id.
 
-    Raises NotEnoughSources (fewer than two usable sources) or FnameMismatch before creating any run.
+    Raises NotEnoughSources (fewer than two usable sources), FnameMismatch, DataError or ValueError (unusable
+    settings) before creating any run.
     """
     import mlflow
 
-    sources, unusable = prepare_sources(run_ids, strategy, data_path, metric)
-    tags = {
-        MODEL_TAG: f"ensemble-{strategy}",
+    sources, unusable, dataset = prepare_sources(run_ids, strategy, data_path, metric, folds)
+    tags = {  # no model tag: a pipeline's stage run keeps the name it was opened with
         STRATEGY_TAG: strategy,
         SOURCES_TAG: ",".join(s.run_id for s in sources),
         SOURCE_MODELS_TAG: ",".join(s.label for s in sources),
@@ -582,20 +628,16 @@ def run_ensemble(
                          "unusable": [{"run_id": r, "reason": why} for r, why in unusable]}, SOURCES_ARTIFACT)
         pairwise = PairwiseRouge(mode)
         with ctx.stage_of("candidates"):
-            candidates = candidates_from_models(sources, data_path) if data_path else candidates_from_tables(sources)
+            candidates = candidates_from_models(sources, dataset) if dataset else candidates_from_tables(sources)
             training_frame = None
             if strategy == "stacking" and not candidates.labelled:
-                load_tables(sources)
-                check_fnames(sources)
                 training_frame = build_frame(candidates_from_tables(sources), sources, pairwise)
         with ctx.stage_of("consensus"):
             frame = build_frame(candidates, sources, pairwise)
         with ctx.stage_of("select"):
             selection = select(frame, strategy, sources, folds=folds, training_frame=training_frame)
         with ctx.stage_of("log"):
-            log_config({"strategy": strategy, "metric": metric, "token_mode": mode,
-                        "data": str(data_path) if data_path else "the sources' logged prediction tables",
-                        "sources": {s.label: s.run_id for s in sources}, strategy: selection.params})
+            log_config(ensemble_config(strategy, metric, mode, data_path, sources, selection))
             metrics = result_metrics(frame, selection.picks, sources, len(candidates.fnames))
             mlflow.log_metrics({**metrics, **selection.metrics})
             mlflow.log_dict(summary_document(strategy, metrics, sources, selection), SUMMARY_ARTIFACT)

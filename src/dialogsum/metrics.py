@@ -99,7 +99,7 @@ def korean_tokenizer(mode: TokenMode = "morpheme") -> KoreanTokenizer:
 
 
 @dataclass(frozen=True)
-class _TextStats:
+class TextStats:
     """One text's tokens and n-gram counts, built once however many pairs the text is in."""
 
     tokens: list[str]
@@ -108,12 +108,12 @@ class _TextStats:
     vocabulary: frozenset[str]
 
     @classmethod
-    def of(cls, tokens: list[str]) -> "_TextStats":
+    def of(cls, tokens: list[str]) -> "TextStats":
         ngrams = [rouge_scorer._create_ngrams(tokens, n) for n in (1, 2)]
         return cls(tokens, *ngrams, frozenset(tokens))
 
 
-def _pair_fmeasures(target: _TextStats, prediction: _TextStats) -> dict[str, float]:
+def pair_fmeasures(target: TextStats, prediction: TextStats) -> dict[str, float]:
     """ROUGE-1/2/L F1 exactly as `RougeScorer.score(target, prediction)` computes them (its own functions)."""
     return {
         "rouge1": rouge_scorer._score_ngrams(target.unigrams, prediction.unigrams).fmeasure,
@@ -122,7 +122,7 @@ def _pair_fmeasures(target: _TextStats, prediction: _TextStats) -> dict[str, flo
     }
 
 
-def _lcs_fmeasure(target: _TextStats, prediction: _TextStats) -> float:
+def _lcs_fmeasure(target: TextStats, prediction: TextStats) -> float:
     """rouge-score's LCS F1. The LCS table is built over the tokens both texts contain: a token missing from one
     side is in no common subsequence, so the LCS length (and the score) is unchanged and the table is smaller."""
     if not target.tokens or not prediction.tokens:
@@ -153,12 +153,12 @@ def score_rows(
     tokenizer = korean_tokenizer(mode)
     texts = list(dict.fromkeys([*predictions, *(x for r in refs for x in r)]))
     tokenizer.prime(texts)
-    stats = {text: _TextStats.of(tokenizer.tokenize(text)) for text in texts}
+    stats = {text: TextStats.of(tokenizer.tokenize(text)) for text in texts}
     rows = []
     for pred, row_refs in zip(predictions, refs):
         sums = dict.fromkeys(ROUGE_TYPES, 0.0)
         for ref in row_refs:
-            scores = _pair_fmeasures(stats[ref], stats[pred])
+            scores = pair_fmeasures(stats[ref], stats[pred])
             for t in ROUGE_TYPES:
                 sums[t] += scores[t]
         row = {t: sums[t] / len(row_refs) for t in ROUGE_TYPES}

@@ -66,6 +66,8 @@ def log_summarizer(model_dir: Path, settings: GenerationSettings, example_dialog
     example = pd.DataFrame({"dialogue": example_dialogues})
     warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
     signature = infer_signature(example, pd.Series(example_summaries, name="summary"), params=default_params(settings))
+    kwargs.setdefault("pip_requirements", inference_requirements())
+    kwargs.setdefault("code_paths", [str(Path(__file__).resolve().parent)])
     return mlflow.pyfunc.log_model(
         name=MODEL_ARTIFACT_PATH,
         python_model=DialogueSummarizer(),
@@ -74,3 +76,12 @@ def log_summarizer(model_dir: Path, settings: GenerationSettings, example_dialog
         input_example=example,
         **kwargs,
     )
+
+
+def inference_requirements() -> list[str]:
+    """Pinned packages the pyfunc needs, stated rather than inferred: MLflow's inference loads the model in a
+    subprocess to capture imports, which costs a full model load per logged model."""
+    from importlib.metadata import version
+
+    packages = ("torch", "transformers", "tokenizers", "peft", "accelerate", "pandas", "pydantic", "pyyaml")
+    return [f"{name}=={version(name)}" for name in packages]

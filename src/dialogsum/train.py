@@ -122,6 +122,25 @@ def _rouge_curve_png(history: list[EpochResult], path: Path) -> Path:
     return path
 
 
+def train_epoch(model, loader, optimizer, scheduler, accelerator, max_grad_norm: float, on_step) -> int:
+    """One pass over `loader` with gradient accumulation, clipping and the accelerator's autocast/scaler;
+    calls `on_step(loss, synced)` after every micro-batch and returns the number of samples seen (all ranks)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    seen = 0
+    for batch in loader:
+        with accelerator.accumulate(model):
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        seen += batch["input_ids"].shape[0] * accelerator.num_processes
+        on_step(loss.item(), accelerator.sync_gradients)
+    return seen
+
+
 def run_training(
     cfg: ModelConfig,
     train_data: DialogueSet,
@@ -193,31 +212,26 @@ def run_training(
             plan.set_epoch(epoch)
             model.train()
             epoch_start = time.perf_counter()
-            seen = 0
             task = progress.add_task(f"epoch {epoch}/{t.epochs}", total=len(train_loader))
             with stage("train"):
-                for batch in train_loader:
-                    with accelerator.accumulate(model):
-                        loss = model(**batch).loss
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients:
-                            accelerator.clip_grad_norm_(params, t.max_grad_norm)
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad()
-                    seen += batch["input_ids"].shape[0] * accelerator.num_processes
-                    window.append(loss.item())
-                    result.train_losses.append(loss.item())
+
+                def on_step(loss: float, synced: bool) -> None:
+                    nonlocal global_step, window
+                    window.append(loss)
+                    result.train_losses.append(loss)
                     progress.advance(task)
-                    if accelerator.sync_gradients:
-                        global_step += 1
-                        if track and global_step % t.log_every_n_steps == 0:
-                            mlflow.log_metrics(
-                                {"train_loss": sum(window) / len(window), "learning_rate": scheduler.get_last_lr()[0]},
-                                step=global_step,
-                                synchronous=False,
-                            )
-                            window = []
+                    if not synced:
+                        return
+                    global_step += 1
+                    if track and global_step % t.log_every_n_steps == 0:
+                        mlflow.log_metrics(
+                            {"train_loss": sum(window) / len(window), "learning_rate": scheduler.get_last_lr()[0]},
+                            step=global_step,
+                            synchronous=False,
+                        )
+                        window = []
+
+                seen = train_epoch(model, train_loader, optimizer, scheduler, accelerator, t.max_grad_norm, on_step)
             progress.remove_task(task)
             epoch_time = time.perf_counter() - epoch_start
             accelerator.wait_for_everyone()
