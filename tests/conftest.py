@@ -10,6 +10,12 @@ import pytest
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Parallel workers share the machine's cores: one math thread each (also for their subprocesses), set
+    # before anything imports torch, so workers do not oversubscribe the CPU.
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
+
 
 @pytest.fixture(scope="session")
 def shared() -> Callable[[str], Path]:
@@ -39,18 +45,43 @@ def dialogsum_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pa
         os.environ["DIALOGSUM_CACHE_DIR"] = previous
 
 
-@pytest.fixture
-def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A fresh SQLite MLflow store in tmp_path, which is also the working directory (artifacts land there).
-    Yields the tracking URI; any run left active is ended afterwards."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+def _use_store(mp: pytest.MonkeyPatch, root: Path) -> str:
+    """Point MLflow at a SQLite store in `root` and make `root` the working directory (artifacts land there).
+    Run and experiment variables are set then deleted, so the values `mlflow.set_experiment` exports are undone
+    when the patch ends."""
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.chdir(tmp_path)
+        mp.setenv(name, "")
+        mp.delenv(name)
+    mp.chdir(root)
     import mlflow
 
     mlflow.set_tracking_uri(uri)
-    yield uri
+    return uri
+
+
+def _end_active_runs() -> None:
+    import mlflow
+
     while mlflow.active_run() is not None:
         mlflow.end_run()
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh SQLite MLflow store in tmp_path for one test; yields the tracking URI."""
+    yield _use_store(monkeypatch, tmp_path)
+    _end_active_runs()
+
+
+@pytest.fixture(scope="module")
+def module_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One SQLite store (and working directory) for a whole test module, so trained runs can be reused and the
+    store's creation (seconds) is paid once; yields its folder."""
+    root = tmp_path_factory.mktemp("mlflow-store")
+    with pytest.MonkeyPatch.context() as mp:
+        _use_store(mp, root)
+        yield root
+        _end_active_runs()

@@ -66,17 +66,8 @@ def reference(row: Dialogue) -> str:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """One temporary sqlite store for the whole module (conftest's `mlflow_store` makes one per test, and creating
-    one costs seconds); each test gets its own experiment instead."""
-    root = tmp_path_factory.mktemp("mlflow")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
-        mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # mlflow.set_experiment exports it; restored afterwards
-        mp.delenv("MLFLOW_RUN_ID", raising=False)  # set under `mlflow run`; tracked_run would resume that run
-        mp.chdir(root)
-        yield root
+def store(module_store):
+    return module_store
 
 
 @pytest.fixture
