@@ -115,12 +115,8 @@ def _stop_process_group(process: subprocess.Popen) -> int:
 
 def _record_blocked(parent_id: str, verdict: Verdict) -> str:
     run_id = create_child_run(parent_id, verdict.model, "train", {MODEL_TAG: verdict.model})
-    import mlflow
-
-    client = mlflow.MlflowClient()
-    if verdict.estimate_gib is not None:
-        client.log_metric(run_id, "preflight_memory_estimate_gib", verdict.estimate_gib)
-    close_run(run_id, "failed", "preflight", "PreflightBlocked", "; ".join(verdict.reasons))
+    estimate = {"preflight_memory_estimate_gib": verdict.estimate_gib} if verdict.estimate_gib is not None else {}
+    close_run(run_id, "failed", "preflight", "PreflightBlocked", "; ".join(verdict.reasons), estimate)
     return run_id
 
 
