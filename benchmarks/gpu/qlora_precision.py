@@ -12,6 +12,7 @@ pydantic (no MLflow, no Korean analyser).
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -63,7 +64,7 @@ def train_steps(precision: str, steps: int) -> dict:
         plan.set_epoch(len(losses))
         train_epoch(model, loader, optimizer, scheduler, accelerator, 1.0, lambda loss, _synced: losses.append(loss))
     torch.cuda.synchronize()
-    quantized = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    quantized = [m for m in model.modules() if type(m).__name__ == "Linear4bit" and hasattr(m, "compute_dtype")]
     return {
         "policy": policy.label,
         "scaler": type(accelerator.scaler).__name__ if accelerator.scaler is not None else "none",
@@ -78,20 +79,25 @@ def train_steps(precision: str, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--precision", choices=["bf16", "fp16"], action="append",
+                        help="repeatable; default both, each in its own process (accelerate's state is per process)")
     args = parser.parse_args()
 
     from dialogsum.precision import PrecisionError, PrecisionPolicy, detect_device
 
-    device = detect_device()
-    print(f"device: {device}")
-    if device.kind != "cuda":
+    if not args.precision:  # parent: the policy check, then each precision in its own process
+        print(f"device: {detect_device()}")
+        try:
+            PrecisionPolicy("cuda", "bfloat16", "bf16", True)
+            print("FAIL: bf16 compute with fp16 gradient scaling was accepted")
+        except PrecisionError as e:
+            print(f"bf16 compute + fp16 AMP scaling rejected before loading: {e}")
+        for precision in ("bf16", "fp16"):
+            subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--precision", precision], check=True)
+        return
+    if detect_device().kind != "cuda":
         sys.exit("this check needs a CUDA device")
-    try:
-        PrecisionPolicy("cuda", "bfloat16", "bf16", True)
-        print("FAIL: bf16 compute with fp16 gradient scaling was accepted")
-    except PrecisionError as e:
-        print(f"bf16 compute + fp16 AMP scaling rejected before loading: {e}")
-    for precision in ("bf16", "fp16"):
+    for precision in args.precision:
         r = train_steps(precision, args.steps)
         losses = " ".join(f"{v:.3f}" for v in r["losses"])
         print(f"{precision}: policy {r['policy']}, scaler {r['scaler']}, 4-bit compute {r['compute_dtype']}, "

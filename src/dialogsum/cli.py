@@ -314,6 +314,60 @@ def predict(
         _fail(RuntimeError(f"{failed} row(s) have no summary; see {ERRORS_ARTIFACT} in run {run_id}"))
 
 
+@app.command()
+def optimize(
+    run: Annotated[str, typer.Option(help="Optimise the model logged by this run")] = "",
+    model_uri: Annotated[str, typer.Option(help="...or this model: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model")] = "",
+    quantization: Annotated[str, typer.Option(help="Comma-separated variants besides fp32: int8 (CPU); fp16, bf16, bnb-int8, bnb-nf4 (CUDA); none")] = "int8",
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes to sweep, growing")] = "1,2,4,8,16,32,64",
+    data: Annotated[Optional[Path], typer.Option(help="Labelled CSV whose rows are generated (default: bundled dev sample)")] = None,
+    n_samples: Annotated[int, typer.Option(help="Use the first N rows (0: 64)")] = 0,
+    param: Annotated[Optional[list[str]], typer.Option("--param", help="Generation override key=value (repeatable), e.g. num_beams=1")] = None,
+    max_rouge_drop: Annotated[float, typer.Option(help="Largest ROUGE final drop (points) against fp32 a recommended variant may have")] = 0.5,
+    max_latency_s: Annotated[float, typer.Option(help="p95 batch latency budget in seconds (0: none)")] = 0.0,
+    max_memory_gb: Annotated[float, typer.Option(help="Peak memory budget in GB; a batch size over it stops the sweep (0: none)")] = 0.0,
+    min_gain: Annotated[float, typer.Option(help="Stop growing the batch when throughput improves by less than this fraction")] = 0.05,
+    log_variant: Annotated[str, typer.Option(help="Log this variant as the model instead of the recommended one")] = "",
+    parent_run_id: Annotated[str, typer.Option(help="Log as a child of this run")] = "",
+) -> None:
+    """Measure fp32 against INT8 (CPU) or fp16/bf16/bitsandbytes (CUDA) over a batch-size sweep; log the recommended model."""
+    from rich.table import Table
+
+    from dialogsum.config import ConfigError, parse_set_options
+    from dialogsum.data import DataError
+    from dialogsum.optimize import SWEEP_TABLE, Budget, OptimizeError, SweepSettings, optimize_run
+    from dialogsum.quantize import VariantError
+    from dialogsum.registry import RegistryError
+    from dialogsum.tracking import TrackingError, load_predictions, ui_hint
+
+    if bool(run) == bool(model_uri):
+        _fail(ValueError("give exactly one of --run or --model-uri"))
+    try:
+        sizes = [int(b) for b in _split(batch_sizes)]
+        settings = SweepSettings(min_gain=min_gain, max_memory_bytes=int(max_memory_gb * 1e9) or None)
+        budget = Budget(max_rouge_drop=max_rouge_drop, max_latency_p95_s=max_latency_s or None)
+        run_id = optimize_run(run or None, model_uri=model_uri or None, quantization=quantization, batch_sizes=sizes,
+                              data_path=data, n_samples=n_samples or None, parent_run_id=parent_run_id or None,
+                              generation=parse_set_options(param or []), settings=settings, budget=budget,
+                              log_variant=log_variant or None)  # fmt: skip
+    except (ConfigError, DataError, OptimizeError, RegistryError, TrackingError, VariantError, ValueError) as e:
+        _fail(e)
+    import mlflow
+
+    tags = mlflow.get_run(run_id).data.tags
+    table = Table(title="optimize: batch-size sweep (same rows for every variant)")
+    sweep = load_predictions(run_id, SWEEP_TABLE)
+    columns = ("variant", "batch_size", "status", "latency_p50_s", "latency_p95_s", "throughput_sps", "peak_memory_bytes")
+    for column in columns:
+        table.add_column(column)
+    for row in sweep.itertuples():
+        table.add_row(row.variant, str(row.batch_size), row.status, f"{row.latency_p50_s:.3f}", f"{row.latency_p95_s:.3f}",
+                      f"{row.throughput_sps:.2f}", f"{row.peak_memory_bytes / 1e9:.2f} GB")  # fmt: skip
+    Console().print(table)
+    console.print(f"recommended: {tags['dialogsum.recommended_variant']} at batch size {tags['dialogsum.recommended_batch_size']} "
+                  f"({tags['dialogsum.recommendation']})\nrun {run_id}\nopen: {ui_hint(run_id)}")  # fmt: skip
+
+
 def main() -> None:
     app()
 
@@ -326,6 +380,11 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import logging
+
+    # Optional-kernel probes that log at import time (torchao's CUDA extensions, bitsandbytes' CPU kernels).
+    for name in ("torchao", "bitsandbytes", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":

@@ -8,15 +8,17 @@ Ctrl-C or SIGTERM ends it KILLED. No run is left RUNNING.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
-import socket
+import tempfile
 import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -33,6 +35,7 @@ KIND_TAG = "dialogsum.kind"
 MODEL_TAG = "dialogsum.model"
 REASON_TAG = "dialogsum.reason"
 PARAM_VALUE_LIMIT = 6000
+SERVER_PROBE_TIMEOUT_S = (3, 5)  # (connect, read) seconds
 
 
 class TrackingError(RuntimeError):
@@ -51,7 +54,8 @@ def configure_tracking(experiment: str | None = None) -> str:
     """Point MLflow at $MLFLOW_TRACKING_URI (default: ./mlflow.db), fail fast on an unreachable server.
 
     MLflow retries HTTP calls for minutes by default; the retry budget is bounded here (unless the user set
-    their own) and an http(s) server is probed with a 3-second connect before any call.
+    their own) and an http(s) server must answer `GET /health` within seconds before any MLflow call, so a
+    refused port and a server that accepts connections but never answers both fail in under 10 s.
     """
     import mlflow
 
@@ -59,23 +63,56 @@ def configure_tracking(experiment: str | None = None) -> str:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    parsed = urlparse(uri)
-    if parsed.scheme in ("http", "https"):
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        try:
-            socket.create_connection((parsed.hostname, port), timeout=3).close()
-        except OSError as e:
-            raise TrackingError(f"MLflow tracking server {uri} is unreachable ({e}); start it or fix MLFLOW_TRACKING_URI") from e
+    scheme = urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        _probe_server(uri)
+    elif scheme == "sqlite":
+        _initialize_sqlite_store(uri)
     mlflow.set_tracking_uri(uri)
     if experiment or not os.environ.get("MLFLOW_EXPERIMENT_ID"):
         name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
         try:
-            mlflow.set_experiment(name)
+            found = mlflow.set_experiment(name)
+            # When another process creates the experiment at the same moment, MLflow returns it without making it
+            # active, and this process's runs would land in "Default"; activating it by id is always safe.
+            mlflow.set_experiment(experiment_id=found.experiment_id)
         except Exception as e:
             if "401" in str(e) or "403" in str(e) or "Unauthorized" in str(e):
                 raise TrackingError(f"MLflow tracking server {uri} refused the credentials: {e}") from e
             raise
     return uri
+
+
+def _probe_server(uri: str) -> None:
+    """Any HTTP answer from `<uri>/health` (an open route, also under basic-auth) proves the server is up."""
+    import requests
+    from mlflow.environment_variables import MLFLOW_TRACKING_INSECURE_TLS, MLFLOW_TRACKING_SERVER_CERT_PATH
+
+    verify = not MLFLOW_TRACKING_INSECURE_TLS.get() and (MLFLOW_TRACKING_SERVER_CERT_PATH.get() or True)
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=SERVER_PROBE_TIMEOUT_S, verify=verify)
+    except requests.RequestException as e:
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({type(e).__name__}: {e}); start it or fix MLFLOW_TRACKING_URI"
+        ) from e
+
+
+def _initialize_sqlite_store(uri: str) -> None:
+    """Create or migrate a SQLite store's tables under an inter-process lock.
+
+    MLflow creates a new store's tables on first use without a lock, so two commands starting together on a fresh
+    mlflow.db collide ("table ... already exists"); here the second one waits for the first.
+    """
+    from filelock import FileLock
+    from mlflow import MlflowClient
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database
+    if not database or database == ":memory:":
+        return
+    key = hashlib.sha256(str(Path(database).resolve()).encode()).hexdigest()[:16]
+    with FileLock(Path(tempfile.gettempdir()) / f"dialogsum-sqlite-init-{key}.lock"):
+        MlflowClient(uri).search_experiments(max_results=1)
 
 
 @dataclass
@@ -254,10 +291,18 @@ def create_child_run(parent_run_id: str, name: str, kind: str, tags: dict[str, s
     return client.create_run(parent.info.experiment_id, tags=all_tags, run_name=name).info.run_id
 
 
-def close_run(run_id: str, status: str, stage: str, error_type: str | None = None, message: str | None = None) -> None:
+def close_run(
+    run_id: str,
+    status: str,
+    stage: str,
+    error_type: str | None = None,
+    message: str | None = None,
+    metrics: dict[str, float] | None = None,
+) -> None:
     """End a run that its own process could not end: record status, stage and (for failures) the reason as the
-    same error tags and `errors/error.json` artifact a failing run writes itself."""
+    same error tags and `errors/error.json` artifact a failing run writes itself, in one batch."""
     import mlflow
+    from mlflow.entities import Metric, RunTag
 
     client = mlflow.MlflowClient()
     tags = {STATUS_TAG: status, STAGE_TAG: stage}
@@ -267,7 +312,11 @@ def close_run(run_id: str, status: str, stage: str, error_type: str | None = Non
         tags.update({"error.type": error_type, "error.stage": stage, "error.message": (message or "")[:PARAM_VALUE_LIMIT]})
         client.log_dict(run_id, {"type": error_type, "message": message, "stage": stage,
                                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, "errors/error.json")  # fmt: skip
-    for key, value in tags.items():
-        client.set_tag(run_id, key, value)
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, v, now, 0) for k, v in (metrics or {}).items()],
+        tags=[RunTag(k, v) for k, v in tags.items()],
+    )
     mlflow_status = {"succeeded": "FINISHED", "skipped": "FINISHED", "killed": "KILLED"}.get(status, "FAILED")
     client.set_terminated(run_id, mlflow_status)

@@ -20,7 +20,6 @@ from typing import Any
 
 from dialogsum.config import ModelConfig, load_model_config
 from dialogsum.data import DialogueSet, read_dialogues, sample_data_path
-from dialogsum.metrics import aggregate, score_rows
 from dialogsum.preflight import PreflightError, check_model
 from dialogsum.precision import detect_device
 
@@ -70,6 +69,7 @@ def _evaluate(model, tokenizer, cfg: ModelConfig, loader, data: DialogueSet, acc
     import torch
 
     from dialogsum.generate import summarize
+    from dialogsum.metrics import aggregate, score_rows
 
     model.eval()
     total, count = 0.0, 0
@@ -175,7 +175,9 @@ def run_training(
     _seed_everything(t.seed)
     result = TrainResult(mlflow.active_run().info.run_id if track else None)
 
-    with stage("load"):
+    # The main process fills the tokenizer/random-init caches first; the others then read them (transformers writes
+    # checkpoints from rank 0 only, so a cache entry saved by another rank would be empty).
+    with stage("load"), accelerator.main_process_first():
         tokenizer = load_tokenizer(cfg, train_data.dialogues + train_data.summaries, train_data.report.digest)
         built = build_model(cfg, tokenizer, policy)
         model = built.model

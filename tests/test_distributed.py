@@ -1,0 +1,115 @@
+"""`accelerate launch` with two CPU processes (torchrun, gloo) trains with DDP and logs exactly one MLflow run from
+the main process, with the same metric and param keys as a single-process training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from tracking_server import free_port
+
+PROCESSES = 2
+EPOCHS = 2
+TRAIN_ROWS = 32
+EVAL_ROWS = 4
+BATCHES = TRAIN_ROWS // 8  # kobart-tiny's batch size is 8
+EPOCH_METRICS = ("eval_loss", "eval_rouge1", "eval_rouge2", "eval_rougeL", "eval_final", "eval_gen_len")
+TIMEOUT_S = 900
+
+
+def _train_args(shared: Callable[[str], Path]) -> list[str]:
+    labeled = shared("data/dialogsum-ko/labeled.csv")
+    return ["-m", "dialogsum", "train", "--model", "kobart-tiny", "--train-data", str(labeled), "--eval-data", str(labeled),
+            "--epochs", str(EPOCHS), "--max-train-samples", str(TRAIN_ROWS), "--max-eval-samples", str(EVAL_ROWS),
+            "--set", f"tokenizer.path={shared('tokenizers/kobart')}", "--set", "generation.max_new_tokens=16",
+            "--set", "training.log_every_n_steps=1", "--set", "training.warmup_steps=0"]  # fmt: skip
+
+
+def _launch(command: list[str], folder: Path) -> subprocess.Popen:
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    # CPU processes (gloo) even on a GPU machine, so the test means the same everywhere.
+    env.update(MLFLOW_TRACKING_URI=f"sqlite:///{folder / 'mlflow.db'}", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    return subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(process: subprocess.Popen, deadline: float) -> str:
+    try:
+        out, _ = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, f"exited with {process.returncode}:\n{out[-5000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def trainings(shared, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[MlflowClient, str]]:
+    """The same tiny training launched on 2 processes and, at the same time, on one; each in its own SQLite store."""
+    args = _train_args(shared)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(PROCESSES),
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(free_port())]  # fmt: skip
+    folders = {"distributed": tmp_path_factory.mktemp("ddp"), "single": tmp_path_factory.mktemp("single")}
+    processes = {
+        "distributed": _launch(launcher + args, folders["distributed"]),
+        "single": _launch([sys.executable, *args], folders["single"]),
+    }
+    deadline = time.monotonic() + TIMEOUT_S
+    outputs = {name: _finish(process, deadline) for name, process in processes.items()}
+    return {name: (MlflowClient(f"sqlite:///{folders[name] / 'mlflow.db'}"), outputs[name]) for name in processes}
+
+
+def _only_run(client: MlflowClient):
+    experiments = client.search_experiments()
+    runs = client.search_runs([e.experiment_id for e in experiments])
+    assert len(runs) == 1, [(r.info.run_id, r.info.run_name) for r in runs]
+    return runs[0]
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_two_process_training_logs_exactly_one_run(trainings):
+    client, output = trainings["distributed"]
+    run = _only_run(client)
+    assert run.info.status == "FINISHED" and run.data.tags["dialogsum.status"] == "succeeded"
+    assert run.data.params["runtime.num_processes"] == str(PROCESSES)
+    assert output.count("per-epoch evaluation") == 1  # the summary is printed by the main process only
+
+
+def test_two_process_training_logs_per_epoch_rouge_once_per_epoch(trainings):
+    client, _ = trainings["distributed"]
+    run_id = _only_run(client).info.run_id
+    for key in EPOCH_METRICS:
+        assert [step for step, _ in _history(client, run_id, key)] == list(range(1, EPOCHS + 1)), key
+    steps_per_process = BATCHES // PROCESSES * EPOCHS
+    assert [step for step, _ in _history(client, run_id, "train_loss")] == list(range(1, steps_per_process + 1))
+    table = json.loads(Path(client.download_artifacts(run_id, "predictions.json")).read_text(encoding="utf-8"))
+    assert len(table["data"]) == EVAL_ROWS
+
+
+def test_two_process_learning_rate_decays_over_the_whole_training(trainings):
+    """The prepared scheduler steps once per process per optimizer step; it must still reach 0 only at the end."""
+    client, _ = trainings["distributed"]
+    rates = [value for _, value in _history(client, _only_run(client).info.run_id, "learning_rate")]
+    assert all(rate > 0 for rate in rates[:-1]) and rates[-1] == pytest.approx(0.0), rates
+    assert rates == sorted(rates, reverse=True)
+
+
+def test_two_process_run_has_the_single_process_schema(trainings):
+    (ddp_client, _), (single_client, _) = trainings["distributed"], trainings["single"]
+    ddp, single = _only_run(ddp_client), _only_run(single_client)
+    assert ddp.data.metrics.keys() == single.data.metrics.keys()
+    assert ddp.data.params.keys() == single.data.params.keys()
+    assert single.data.params["runtime.num_processes"] == "1"
+    assert {a.path for a in ddp_client.list_artifacts(ddp.info.run_id)} == {a.path for a in single_client.list_artifacts(single.info.run_id)}

@@ -1,0 +1,308 @@
+"""The team tracking server (tests/tracking_server.py): `mlflow server` on a fresh PostgreSQL database with proxied
+artifacts and basic-auth. Two tiny pipelines at once against it, and two against one SQLite file, lose nothing and
+log the same runs, metrics and artifacts; credentials are enforced; an unreachable server fails any command within
+seconds."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+from mlflow import MlflowClient
+from tracking_server import TrackingServer, free_port, query, team_server  # noqa: F401 - team_server is a fixture
+
+from dialogsum.tracking import STATUS_TAG, TrackingError, configure_tracking, load_predictions, tracked_run
+
+EPOCHS = 2
+TRAIN_ROWS = 16
+EVAL_ROWS = 4
+STEPS = (TRAIN_ROWS // 8) * EPOCHS  # kobart-tiny's batch size is 8, train_loss is logged every step
+EPOCH_METRICS = ("eval_loss", "eval_rouge1", "eval_rouge2", "eval_rougeL", "eval_final", "eval_gen_len")
+PIPELINES_TIMEOUT_S = 900
+
+
+def _tiny_overrides(shared: Callable[[str], Path]) -> dict[str, object]:
+    return {"training.epochs": EPOCHS, "training.max_train_samples": TRAIN_ROWS, "training.max_eval_samples": EVAL_ROWS,
+            "tokenizer.path": str(shared("tokenizers/kobart")), "generation.max_new_tokens": 16,
+            "training.log_every_n_steps": 1}  # fmt: skip
+
+
+def _train_command(shared: Callable[[str], Path]) -> list[str]:
+    labeled = str(shared("data/dialogsum-ko/labeled.csv"))
+    sets = [arg for key, value in _tiny_overrides(shared).items() for arg in ("--set", f"{key}={value}")]
+    return [sys.executable, "-m", "dialogsum", "train", "--model", "kobart-tiny", "--train-data", labeled, "--eval-data", labeled, *sets]
+
+
+def _write_pipeline_config(folder: Path, shared: Callable[[str], Path], experiment: str) -> Path:
+    labeled = str(shared("data/dialogsum-ko/labeled.csv"))
+    config = {"name": "tiny", "experiment": experiment, "data": {"train": labeled, "eval": labeled},
+              "models": [{"name": "kobart-tiny", "overrides": _tiny_overrides(shared)}],
+              "steps": ["train"], "timeouts": {"train": PIPELINES_TIMEOUT_S}}  # fmt: skip
+    path = folder / "tiny-pipeline.yaml"
+    path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def _client_env(**overrides: str) -> dict[str, str]:
+    """This process's environment without MLflow run/experiment/credential variables, plus `overrides`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    return env | {"OMP_NUM_THREADS": "1"} | overrides
+
+
+@dataclass
+class Store:
+    """One tracking store that two pipelines wrote to at the same time."""
+
+    uri: str
+    env: dict[str, str]
+    experiment: str
+
+    def client(self) -> MlflowClient:
+        return MlflowClient(self.uri)
+
+    def experiment_id(self) -> str:
+        return self.client().get_experiment_by_name(self.experiment).experiment_id
+
+    def runs(self):
+        return self.client().search_runs([self.experiment_id()], order_by=["attributes.start_time ASC"])
+
+    def pipelines(self) -> list[tuple]:
+        """(parent, its children) per pipeline."""
+        runs = self.runs()
+        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        return [(p, [r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id]) for p in parents]
+
+
+def _wait_all(processes: list[subprocess.Popen]) -> None:
+    deadline = time.monotonic() + PIPELINES_TIMEOUT_S
+    try:
+        for process in processes:
+            out, _ = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            assert process.returncode == 0, f"pipeline exited with {process.returncode}:\n{out[-4000:]}"
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+@pytest.fixture(scope="module")
+def concurrent_pipelines(
+    shared: Callable[[str], Path], team_server: TrackingServer, tmp_path_factory: pytest.TempPathFactory  # noqa: F811
+) -> dict[str, Store]:
+    """Two `dialogsum pipeline` processes against the server and two against one SQLite file, all four at once;
+    each pair creates the same new experiment (the server is shared with other test modules)."""
+    sqlite_folder = tmp_path_factory.mktemp("sqlite-store")
+    experiment = f"concurrent-{secrets.token_hex(4)}"
+    config = _write_pipeline_config(tmp_path_factory.mktemp("pipeline-config"), shared, experiment)
+    stores = {
+        "server": Store(team_server.uri, team_server.client_env(), experiment),
+        "sqlite": Store(f"sqlite:///{sqlite_folder / 'mlflow.db'}", {"MLFLOW_TRACKING_URI": f"sqlite:///{sqlite_folder / 'mlflow.db'}"}, experiment),
+    }
+    command = [sys.executable, "-m", "dialogsum", "pipeline", "--config", str(config)]
+    processes = [
+        subprocess.Popen(command, cwd=tmp_path_factory.mktemp(f"{name}-client"), env=_client_env(**store.env),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        for name, store in stores.items()
+        for _ in range(2)
+    ]
+    _wait_all(processes)
+    return stores
+
+
+@pytest.fixture(autouse=True)
+def bounded_http(monkeypatch: pytest.MonkeyPatch) -> None:
+    """configure_tracking's HTTP defaults, undone after each test."""
+    for name, value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+
+
+@pytest.fixture
+def server_client(team_server: TrackingServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> TrackingServer:  # noqa: F811
+    """This process logs to the team server with the admin credentials."""
+    for name, value in team_server.client_env().items():
+        monkeypatch.setenv(name, value)
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(team_server.uri)
+    return team_server
+
+
+def _use_store(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in store.env.items():
+        monkeypatch.setenv(name, value)
+    mlflow.set_tracking_uri(store.uri)
+
+
+def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def _artifact_paths(client: MlflowClient, run_id: str, folder: str | None = None) -> list[str]:
+    paths = []
+    for entry in client.list_artifacts(run_id, folder):
+        paths += _artifact_paths(client, run_id, entry.path) if entry.is_dir else [entry.path]
+    return sorted(paths)
+
+
+@pytest.mark.parametrize("store_name", ["server", "sqlite"])
+def test_concurrent_pipelines_lose_no_run_metric_or_artifact(concurrent_pipelines: dict[str, Store], store_name, monkeypatch):
+    store = concurrent_pipelines[store_name]
+    _use_store(store, monkeypatch)
+    client = store.client()
+    pipelines = store.pipelines()
+    assert len(pipelines) == 2 and len(store.runs()) == 4, [(r.info.run_id, r.info.run_name) for r in store.runs()]
+    for parent, children in pipelines:
+        assert parent.info.status == "FINISHED" and {"matrix.csv", "report.md"} <= set(_artifact_paths(client, parent.info.run_id))
+        assert len(children) == 1
+        run_id = children[0].info.run_id
+        assert children[0].info.status == "FINISHED" and children[0].data.tags[STATUS_TAG] == "succeeded"
+        for key in EPOCH_METRICS:
+            assert _steps(client, run_id, key) == list(range(1, EPOCHS + 1)), key
+            assert f"best_{key}" in children[0].data.metrics
+        assert _steps(client, run_id, "train_loss") == list(range(1, STEPS + 1))
+        assert {"config.yaml", "predictions.json", "rouge_curve.png"} <= set(_artifact_paths(client, run_id))
+        predictions = load_predictions(run_id)
+        assert len(predictions) == EVAL_ROWS and {"fname", "reference", "prediction"} <= set(predictions.columns)
+        assert "python_function" in mlflow.models.get_model_info(f"runs:/{run_id}/model").flavors
+
+
+def test_server_stores_runs_in_postgresql_and_serves_artifacts(concurrent_pipelines, server_client: TrackingServer):
+    """The runs are rows of the PostgreSQL database; the model comes back through the server's artifact proxy."""
+    store = concurrent_pipelines["server"]
+    run_ids = {r.info.run_id for r in store.runs()}
+    rows = query(server_client.backend_uri, "SELECT run_uuid, status FROM runs")
+    assert {(run_id, "FINISHED") for run_id in run_ids} <= set(rows)
+    assert len(list((server_client.artifacts / store.experiment_id()).rglob("predictions.json"))) == 2
+    child = next(children[0] for _, children in store.pipelines())
+    model = mlflow.pyfunc.load_model(f"runs:/{child.info.run_id}/model")
+    summaries = model.predict(pd.DataFrame({"dialogue": ["#Person1#: 안녕하세요.\n#Person2#: 네, 무엇을 도와드릴까요?"]}))
+    assert len(summaries) == 1 and isinstance(summaries[0], str)
+
+
+def _same_run(server: tuple[MlflowClient, object], local: tuple[MlflowClient, object]) -> None:
+    """Same params, metric keys with the same steps, tag keys and artifact paths."""
+    (server_client, server_run), (local_client, local_run) = server, local
+    assert server_run.data.params == local_run.data.params
+    assert server_run.data.metrics.keys() == local_run.data.metrics.keys()
+    for key in server_run.data.metrics:
+        steps = _steps(server_client, server_run.info.run_id, key)
+        assert steps == _steps(local_client, local_run.info.run_id, key), key
+    tags = {k for k in server_run.data.tags if not k.startswith("mlflow.")}
+    assert tags == {k for k in local_run.data.tags if not k.startswith("mlflow.")}
+    server_paths, local_paths = (
+        [path.replace(run.info.run_id, "<run_id>") for path in _artifact_paths(client, run.info.run_id)]  # logs/train-<run_id>.log
+        for client, run in (server, local)
+    )
+    assert server_paths == local_paths
+
+
+def test_pipeline_on_the_server_matches_the_pipeline_on_sqlite(concurrent_pipelines: dict[str, Store], monkeypatch):
+    """Same tiny pipeline, same record: parent and child runs, params, metrics with their steps, artifacts, and the
+    same scores (the training is deterministic)."""
+    _use_store(concurrent_pipelines["server"], monkeypatch)  # the server's credentials
+    (server_parent, [server_child]), (local_parent, [local_child]) = (
+        concurrent_pipelines[name].pipelines()[0] for name in ("server", "sqlite")
+    )
+    clients = {name: store.client() for name, store in concurrent_pipelines.items()}
+    _same_run((clients["server"], server_parent), (clients["sqlite"], local_parent))
+    _same_run((clients["server"], server_child), (clients["sqlite"], local_child))
+    for key in EPOCH_METRICS:
+        assert server_child.data.metrics[f"best_{key}"] == pytest.approx(local_child.data.metrics[f"best_{key}"], rel=1e-4), key
+
+
+def test_losing_the_experiment_creation_race_still_logs_into_the_experiment(mlflow_store, monkeypatch):
+    """Two commands creating the experiment at once: MLflow's loser gets RESOURCE_ALREADY_EXISTS and returns the
+    experiment without activating it; configure_tracking activates it, so the run does not land in "Default"."""
+    from mlflow.tracking._tracking_service.client import TrackingServiceClient
+
+    winner_id = MlflowClient().create_experiment("dialogsum")  # the other command's insert
+    lookup = TrackingServiceClient.get_experiment_by_name
+    calls = []
+
+    def before_the_insert(self, name):  # this command's first lookup ran just before the other's insert
+        calls.append(name)
+        return None if len(calls) == 1 else lookup(self, name)
+
+    monkeypatch.setattr(TrackingServiceClient, "get_experiment_by_name", before_the_insert)
+    configure_tracking()
+    with tracked_run("race", kind="check") as run:
+        pass
+    assert mlflow.get_run(run.run_id).info.experiment_id == winner_id
+
+
+def test_basic_auth_refuses_a_client_without_credentials(shared, team_server: TrackingServer):  # noqa: F811
+    done = subprocess.run(_train_command(shared), env=_client_env(**team_server.client_env(with_credentials=False)),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output[-3000:]
+    assert f"MLflow tracking server {team_server.uri} refused the credentials" in " ".join(output.split())
+    assert "Traceback" not in output
+
+
+def test_basic_auth_refuses_a_wrong_password_without_echoing_it(server_client: TrackingServer, monkeypatch):
+    wrong = "not-the-password-" + "x" * 8
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", wrong)
+    with pytest.raises(TrackingError, match="refused the credentials") as refused:
+        configure_tracking()
+    assert wrong not in str(refused.value)
+
+
+def test_basic_auth_accepts_credentials_for_runs_metrics_and_artifacts(server_client: TrackingServer):
+    configure_tracking("auth-check")
+    with tracked_run("auth-check", kind="check") as run:
+        mlflow.log_param("check", "yes")
+        mlflow.log_metrics({"value": 1.5}, step=3)
+        mlflow.log_text("proxied", "notes/check.txt")
+    stored = mlflow.get_run(run.run_id)
+    assert stored.info.status == "FINISHED" and stored.data.params == {"check": "yes"}
+    assert stored.data.metrics == {"value": 1.5}
+    assert mlflow.artifacts.load_text(f"runs:/{run.run_id}/notes/check.txt") == "proxied"
+    assert server_client.credentials.password not in str(stored.data.to_dictionary())
+
+
+@pytest.fixture
+def silent_server() -> Iterator[str]:
+    """A port that accepts TCP connections (kernel backlog) but never answers HTTP."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("kind", ["closed port", "silent server"])
+def test_unreachable_server_fails_within_seconds(kind, silent_server, monkeypatch):
+    uri = silent_server if kind == "silent server" else f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    start = time.perf_counter()
+    with pytest.raises(TrackingError, match="unreachable") as failed:
+        configure_tracking()
+    assert time.perf_counter() - start < 10
+    assert uri in str(failed.value) and "MLFLOW_TRACKING_URI" in str(failed.value)
+
+
+def test_cli_names_the_unreachable_server(shared, silent_server):
+    """The whole command, interpreter start-up and imports included, ends with one clear line instead of MLflow's
+    minutes of retries (the network wait itself is bounded to seconds above)."""
+    start = time.perf_counter()
+    done = subprocess.run(_train_command(shared), env=_client_env(MLFLOW_TRACKING_URI=silent_server),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    elapsed = time.perf_counter() - start
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output[-3000:]
+    assert f"MLflow tracking server {silent_server} is unreachable" in " ".join(output.split())
+    assert "Traceback" not in output
+    assert elapsed < 90, elapsed
