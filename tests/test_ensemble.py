@@ -65,13 +65,8 @@ def reference(row: Dialogue) -> str:
     return row.summary or ""
 
 
-@pytest.fixture(scope="module")
-def store(module_store):
-    return module_store
-
-
 @pytest.fixture
-def experiment(store, monkeypatch):
+def experiment(module_store, monkeypatch):
     """A fresh experiment in the module's store, so run searches see only this test's runs."""
     name = f"ensemble-test-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", name)
@@ -380,12 +375,12 @@ def log_model_source(name: str, turn: int, table_rows: list[Dialogue] | None = N
 
 
 @pytest.fixture
-def csv_files(store, shared):
+def csv_files(module_store, shared):
     labelled = pd.read_csv(shared(LABELLED_CSV)).iloc[:30]
     unlabelled = pd.read_csv(shared(UNLABELLED_CSV)).iloc[:25]
-    labelled.to_csv(store / "labelled.csv", index=False)
-    unlabelled.to_csv(store / "unlabelled.csv", index=False)
-    return store / "labelled.csv", store / "unlabelled.csv"
+    labelled.to_csv(module_store / "labelled.csv", index=False)
+    unlabelled.to_csv(module_store / "unlabelled.csv", index=False)
+    return module_store / "labelled.csv", module_store / "unlabelled.csv"
 
 
 def test_data_csv_is_summarised_by_the_sources_models(experiment, rows, csv_files):
@@ -429,20 +424,20 @@ def test_stacking_on_unlabelled_rows_trains_on_the_sources_tables(experiment, ro
 
 
 @pytest.mark.timeout(1800)  # three CPU trainings; minutes on a busy 2-core machine
-def test_mbr_over_three_differently_trained_tiny_models(experiment, store, shared):
+def test_mbr_over_three_differently_trained_tiny_models(experiment, module_store, shared):
     """Three kobart-tiny models (random init, real KoBART tokenizer) trained with different seeds and learning
     rates on real labelled rows; prints each source's ROUGE, MBR's and the oracle's (no threshold: tiny
     random-init models)."""
     from dialogsum.train import train_model
 
     data = pd.read_csv(shared(LABELLED_CSV))
-    data.iloc[:300].to_csv(store / "train.csv", index=False)
-    data.iloc[300:].to_csv(store / "eval.csv", index=False)
+    data.iloc[:300].to_csv(module_store / "train.csv", index=False)
+    data.iloc[300:].to_csv(module_store / "eval.csv", index=False)
     base = {"training.epochs": 1, "training.max_train_samples": 64, "training.max_eval_samples": 32,
             "tokenizer.path": str(shared(KOBART_TOKENIZER))}
     settings = [{"training.seed": 1}, {"training.seed": 2, "training.learning_rate": 3e-3},
                 {"training.seed": 3, "training.learning_rate": 3e-4}]
-    run_ids = [train_model("kobart-tiny", train_path=store / "train.csv", eval_path=store / "eval.csv",
+    run_ids = [train_model("kobart-tiny", train_path=module_store / "train.csv", eval_path=module_store / "eval.csv",
                            overrides={**base, **s}) for s in settings]
 
     m = mlflow.get_run(run_ensemble(run_ids, "mbr")).data.metrics

@@ -31,12 +31,7 @@ NAME = "dialogsum-ko"
 
 
 @pytest.fixture(scope="module")
-def store(module_store):
-    return module_store
-
-
-@pytest.fixture(scope="module")
-def pipeline(store, shared) -> SimpleNamespace:
+def pipeline(module_store, shared) -> SimpleNamespace:
     """A parent `pipeline` run with two trained children; `better`/`worse` by the registry's own ranking rule."""
     from dialogsum.train import train_model
 
@@ -117,7 +112,7 @@ def test_a_run_without_a_model_is_refused(pipeline):
     assert result.exit_code == 1 and "does not exist" in result.output
 
 
-def test_no_candidate_fails_and_records_the_failed_register_run(store):
+def test_no_candidate_fails_and_records_the_failed_register_run(module_store):
     configure_tracking("registry-empty")
     with tracked_run(run_name="lonely", kind="train"):
         mlflow.log_metric("eval_final", 10.0)  # succeeded, but no model logged

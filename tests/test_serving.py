@@ -37,12 +37,7 @@ FAST_GENERATION = {"num_beams": 1, "max_new_tokens": 8}
 
 
 @pytest.fixture(scope="module")
-def store(module_store):
-    return module_store
-
-
-@pytest.fixture(scope="module")
-def champion(store, shared) -> str:
+def champion(module_store, shared) -> str:
     """Train one tiny model and register it as the champion; returns its source run id."""
     from dialogsum.train import train_model
 
@@ -59,10 +54,10 @@ def unlabelled(shared):
     return read_dialogues(shared("data/dialogsum-ko/unlabeled.csv"), require_summary=False)
 
 
-def test_served_champion_answers_a_json_request_with_korean_summaries(champion, unlabelled, store):
+def test_served_champion_answers_a_json_request_with_korean_summaries(champion, unlabelled, module_store):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = store / "serve.log"
+    log = module_store / "serve.log"
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", CHAMPION_URI, "--env-manager", "local",
                "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
     with open(log, "w", encoding="utf-8") as out:
@@ -91,8 +86,8 @@ def test_champion_pyfunc_takes_a_dialogue_column_and_per_request_params(champion
     assert all(len(b) > len(a) for a, b in zip(short, longer)), "params override the logged generation settings"
 
 
-def test_predict_writes_a_submission_for_the_499_unlabelled_rows(champion, unlabelled, shared, store):
-    out = store / "submission.csv"
+def test_predict_writes_a_submission_for_the_499_unlabelled_rows(champion, unlabelled, shared, module_store):
+    out = module_store / "submission.csv"
     params = [arg for k, v in FAST_GENERATION.items() for arg in ("--param", f"{k}={v}")]
     result = CliRunner().invoke(app, ["predict", "--model-uri", CHAMPION_URI, "--data",
                                       str(shared("data/dialogsum-ko/unlabeled.csv")), "--out", str(out),
@@ -150,8 +145,8 @@ def test_failed_rows_are_recorded_never_silently_blank(unlabelled, tmp_path):
         validate_submission(out, data.fnames, errors)
 
 
-def test_predict_cli_exits_1_and_logs_errors_when_rows_fail(champion, store, monkeypatch):
-    data = store / "small.csv"
+def test_predict_cli_exits_1_and_logs_errors_when_rows_fail(champion, module_store, monkeypatch):
+    data = module_store / "small.csv"
     data.write_text('fname,dialogue\ntest_a,#Person1#: 안녕하세요.\ntest_b,"#Person2#: 네, 반갑습니다."\n', encoding="utf-8")
     monkeypatch.setattr("dialogsum.predict._predict_rows", lambda model, dialogues, params: [""] * len(dialogues))
     result = CliRunner().invoke(app, ["predict", "--model-uri", CHAMPION_URI, "--data", str(data), "--out", "small-out.csv"])
