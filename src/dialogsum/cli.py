@@ -357,8 +357,7 @@ def optimize(
     tags = mlflow.get_run(run_id).data.tags
     table = Table(title="optimize: batch-size sweep (same rows for every variant)")
     sweep = load_predictions(run_id, SWEEP_TABLE)
-    columns = ("variant", "batch_size", "status", "latency_p50_s", "latency_p95_s", "throughput_sps", "peak_memory_bytes")
-    for column in columns:
+    for column in ("variant", "batch", "status", "p50 s", "p95 s", "samples/s", "peak memory"):
         table.add_column(column)
     for row in sweep.itertuples():
         table.add_row(row.variant, str(row.batch_size), row.status, f"{row.latency_p50_s:.3f}", f"{row.latency_p95_s:.3f}",

@@ -219,7 +219,9 @@ def save_for_inference(built: BuiltModel, cfg: ModelConfig, folder: Path, unwrap
 def load_for_inference(folder: str | Path, device: str | None = None):
     """Rebuild (model, tokenizer, ModelConfig) from `save_for_inference` output, ready to generate.
 
-    LoRA adapters are merged into their base (full precision on CPU, the compute dtype on CUDA)."""
+    LoRA adapters are merged into their base (full precision on CPU, the compute dtype on CUDA). A folder whose
+    json names a `quantization` (written by `dialogsum optimize`) is rebuilt by `dialogsum.quantize`, on the
+    device that variant runs on."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -230,7 +232,12 @@ def load_for_inference(folder: str | Path, device: str | None = None):
     dtype = torch.float32 if device == "cpu" else (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
     auto = AutoModelForSeq2SeqLM if cfg.task == "seq2seq" else AutoModelForCausalLM
-    if info["adapter"]:
+    quantization = info.get("quantization")
+    if quantization:
+        from dialogsum.quantize import load_quantized
+
+        model = load_quantized(folder / "weights", quantization, auto)
+    elif info["adapter"]:
         from peft import PeftModel
 
         base_path = folder / info["base"] if info["base"] == "base" else info["base"]
@@ -241,5 +248,7 @@ def load_for_inference(folder: str | Path, device: str | None = None):
     else:
         model = auto.from_pretrained(folder / "weights", dtype=dtype)
     _align_special_ids(model, tokenizer)
-    model.to(device).eval()
+    if not quantization:
+        model.to(device)
+    model.eval()
     return model, tokenizer, cfg

@@ -16,6 +16,7 @@ from dialogsum.config import GenerationSettings
 
 MODEL_ARTIFACT_KEY = "model_dir"
 MODEL_ARTIFACT_PATH = "model"
+DEFAULT_BATCH_SIZE = 16
 
 
 def dialogues_from_input(model_input: Any) -> list[str]:
@@ -38,7 +39,7 @@ def dialogues_from_input(model_input: Any) -> list[str]:
 class DialogueSummarizer(mlflow.pyfunc.PythonModel):
     """Loads the saved model folder once per process and summarises batches of dialogues."""
 
-    def __init__(self, batch_size: int = 16):
+    def __init__(self, batch_size: int = DEFAULT_BATCH_SIZE):
         self.batch_size = batch_size
 
     def load_context(self, context) -> None:
@@ -54,23 +55,31 @@ class DialogueSummarizer(mlflow.pyfunc.PythonModel):
         return summarize(self.model, self.tokenizer, self.cfg, dialogues_from_input(model_input), batch_size, params)
 
 
-def default_params(settings: GenerationSettings) -> dict[str, Any]:
-    return {**settings.model_dump(), "batch_size": 16}
+def default_params(settings: GenerationSettings, batch_size: int = DEFAULT_BATCH_SIZE) -> dict[str, Any]:
+    return {**settings.model_dump(), "batch_size": batch_size}
 
 
-def log_summarizer(model_dir: Path, settings: GenerationSettings, example_dialogues: list[str], example_summaries: list[str], **kwargs):
-    """Log a saved model folder as the `model` pyfunc of the active run, with signature and input example."""
+def log_summarizer(
+    model_dir: Path,
+    settings: GenerationSettings,
+    example_dialogues: list[str],
+    example_summaries: list[str],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    **kwargs,
+):
+    """Log a saved model folder as the `model` pyfunc of the active run, with signature and input example;
+    `batch_size` is the default generation batch size of `predict`."""
     import pandas as pd
     from mlflow.models import infer_signature
 
     example = pd.DataFrame({"dialogue": example_dialogues})
     warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
-    signature = infer_signature(example, pd.Series(example_summaries, name="summary"), params=default_params(settings))
+    signature = infer_signature(example, pd.Series(example_summaries, name="summary"), params=default_params(settings, batch_size))
     kwargs.setdefault("pip_requirements", inference_requirements())
     kwargs.setdefault("code_paths", [str(Path(__file__).resolve().parent)])
     return mlflow.pyfunc.log_model(
         name=MODEL_ARTIFACT_PATH,
-        python_model=DialogueSummarizer(),
+        python_model=DialogueSummarizer(batch_size),
         artifacts={MODEL_ARTIFACT_KEY: str(model_dir)},
         signature=signature,
         input_example=example,

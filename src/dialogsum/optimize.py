@@ -1,0 +1,633 @@
+"""`optimize`: measure inference variants of a trained model side by side and log the recommended one.
+
+One process, the same rows for every variant: the fp32 original and each requested variant (`int8` on CPU;
+`fp16`, `bf16`, `bnb-int8`, `bnb-nf4` on CUDA; see `dialogsum.quantize`) is loaded once, warmed up, and swept
+over growing batch sizes on real dialogues (the first N rows of a labelled CSV, so their real length mix).
+Per batch size: latency p50/p95 of a batch, throughput (samples/s) and peak memory. The sweep of a variant
+stops growing at an out-of-memory error, at a peak over the memory budget, or when throughput no longer
+improves by `min_gain`; any other failing batch size is recorded and the sweep goes on. Quality: Korean ROUGE
+of every variant's predictions on the same rows, the drop against fp32, and the agreement with fp32's
+predictions. Each variant is saved as it would be logged, and its size on disk measured.
+
+Recommendation rule (`RULE`): the highest throughput among the batch sizes that ran within the memory budget
+and whose p95 latency fits the latency budget, of the variants whose ROUGE final drops by at most
+`max_rouge_drop` points; ties go to the smaller batch size, then the smaller model on disk.
+
+The measuring part (`sweep_batch_sizes`, `PeakMemory`, `recommend`) needs only torch, numpy and psutil, so
+GPU scripts without MLflow can import this module; `optimize_run` adds the MLflow run.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from typing import Self
+
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+DEFAULT_N_SAMPLES = 64
+SWEEP_TABLE = "optimize/sweep.json"
+SWEEP_PLOT = "optimize/throughput_latency.png"
+SUMMARY_FILE = "optimize/summary.json"
+RECOMMENDED_VARIANT_TAG = "dialogsum.recommended_variant"
+RECOMMENDED_BATCH_SIZE_TAG = "dialogsum.recommended_batch_size"
+RECOMMENDATION_TAG = "dialogsum.recommendation"
+RULE = (
+    "highest throughput among batch sizes that ran within the memory budget and the p95 latency budget "
+    "({max_latency_p95_s}), of variants whose Korean ROUGE final drops by at most {max_rouge_drop} points against "
+    "fp32; ties: smaller batch size, then smaller size on disk"
+)
+
+
+class OptimizeError(ValueError):
+    """An optimize request that cannot be measured (bad source, data or batch sizes)."""
+
+
+# --- measuring ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepSettings:
+    """warmup_batches: untimed batches before a variant's sweep (at the smallest batch size) and, when
+    `warmup_every_batch_size` (None: on CUDA only), before each larger one: CUDA loads kernels lazily and picks
+    GEMM algorithms per shape (without it, one slow first batch stopped an fp16 sweep on an H200 at batch size 2),
+    while eager CPU kernels have no per-shape set-up. min_batches: timed batches
+    per batch size at least (rows are cycled). min_gain: a batch size must beat the best throughput so far by
+    this fraction, else growing stops (None: never stop for that). max_memory_bytes: peak memory budget; a
+    batch size over it is recorded as `over_memory` and growing stops."""
+
+    warmup_batches: int = 1
+    warmup_every_batch_size: bool | None = None
+    min_batches: int = 3
+    min_gain: float | None = 0.05
+    max_memory_bytes: int | None = None
+
+
+@dataclass
+class BatchPoint:
+    """One batch size of one variant: per-batch latencies, samples generated, peak memory, and how it ended
+    (`ok`, `oom`, `over_memory` or `failed`)."""
+
+    variant: str
+    batch_size: int
+    status: str = "ok"
+    latencies_s: list[float] = field(default_factory=list)
+    samples: int = 0
+    cpu_s: float = 0.0  # process CPU time of the timed batches (a busy shared machine inflates wall time, not this)
+    peak_memory_bytes: int = 0
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def generate_s(self) -> float:
+        return sum(self.latencies_s)
+
+    @property
+    def throughput_sps(self) -> float:
+        return self.samples / self.generate_s if self.ok and self.generate_s else 0.0
+
+    def latency_s(self, q: float) -> float:
+        import numpy as np
+
+        return float(np.percentile(self.latencies_s, q)) if self.ok and self.latencies_s else float("nan")
+
+    def row(self) -> dict[str, Any]:
+        return {"variant": self.variant, "batch_size": self.batch_size, "status": self.status,
+                "batches": len(self.latencies_s), "samples": self.samples, "latency_p50_s": self.latency_s(50),
+                "latency_p95_s": self.latency_s(95), "throughput_sps": self.throughput_sps, "cpu_s": self.cpu_s,
+                "peak_memory_bytes": self.peak_memory_bytes, "error": self.error}  # fmt: skip
+
+
+@dataclass
+class VariantSweep:
+    """A variant's sweep: its batch points in order, one output per row (from the first batch size that ran,
+    None when none did), why growing stopped, and the warm-up time."""
+
+    variant: str
+    points: list[BatchPoint]
+    outputs: list[Any] | None
+    stop_reason: str
+    warmup_s: float
+
+    @property
+    def generate_s(self) -> float:
+        return sum(p.generate_s for p in self.points)
+
+    def point(self, batch_size: int) -> BatchPoint | None:
+        return next((p for p in self.points if p.batch_size == batch_size and p.ok), None)
+
+
+class PeakMemory:
+    """Peak memory while the block runs: the CUDA allocator's peak on CUDA; on CPU the process's peak resident
+    set size, sampled every `interval_s` by a thread (it includes the model and the Python runtime)."""
+
+    def __init__(self, device: str, interval_s: float = 0.005):
+        self.device = device
+        self.interval_s = interval_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Self:
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        import psutil
+
+        process = psutil.Process()
+        while True:
+            self.peak = max(self.peak, process.memory_info().rss)
+            if self._stop.wait(self.interval_s):
+                return
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+
+
+def release_memory(device: str) -> None:
+    """Give freed model memory back (CUDA cache; on Linux, glibc's free lists) so the next variant's peak is its own."""
+    import torch
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    elif sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    return isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(error).lower()
+
+
+def batches_for(n_rows: int, batch_size: int, min_batches: int) -> list[list[int]]:
+    """Full batches of consecutive row indices in data order, cycling through the rows, until every row was in
+    a batch and there are at least `min_batches`."""
+    count = max(math.ceil(n_rows / batch_size), min_batches)
+    return [[(b * batch_size + i) % n_rows for i in range(batch_size)] for b in range(count)]
+
+
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _warm_up(generate: Callable[[list[int]], Any], n_rows: int, batch_size: int, batches: int, device: str) -> float:
+    start = time.perf_counter()
+    for batch in batches_for(n_rows, batch_size, batches)[:batches]:
+        generate(batch)
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+def sweep_batch_sizes(
+    generate: Callable[[list[int]], Sequence[Any]],
+    n_rows: int,
+    batch_sizes: Sequence[int],
+    *,
+    variant: str,
+    device: str,
+    settings: SweepSettings | None = None,
+    on_point: Callable[[BatchPoint], None] | None = None,
+) -> VariantSweep:
+    """Time `generate(row_indices) -> one output per index` over growing batch sizes of one loaded model."""
+    settings = settings or SweepSettings()
+    sizes = sorted(set(batch_sizes))
+    if not sizes or sizes[0] < 1 or n_rows < 1:
+        raise OptimizeError(f"need rows and positive batch sizes (got {n_rows} rows, batch sizes {list(batch_sizes)})")
+    warm_each = device == "cuda" if settings.warmup_every_batch_size is None else settings.warmup_every_batch_size
+    warmup_s = _warm_up(generate, n_rows, sizes[0], settings.warmup_batches, device)
+    points: list[BatchPoint] = []
+    outputs: list[Any] | None = None
+    best: BatchPoint | None = None
+    stop_reason = "every batch size measured"
+    for size in sizes:
+        point = BatchPoint(variant, size)
+        points.append(point)
+        produced: list[Any] = [None] * n_rows
+        memory = PeakMemory(device)
+        try:
+            with memory:
+                if warm_each and size != sizes[0]:
+                    warmup_s += _warm_up(generate, n_rows, size, settings.warmup_batches, device)
+                for batch in batches_for(n_rows, size, settings.min_batches):
+                    tick, cpu_tick = time.perf_counter(), time.process_time()
+                    result = generate(batch)
+                    _synchronize(device)
+                    point.latencies_s.append(time.perf_counter() - tick)
+                    point.cpu_s += time.process_time() - cpu_tick
+                    point.samples += len(batch)
+                    for i, out in zip(batch, result):
+                        produced[i] = out
+        except Exception as e:  # noqa: BLE001 - recorded on the point; the loop decides whether to go on
+            point.status = "oom" if is_out_of_memory(e) else "failed"
+            point.error = f"{type(e).__name__}: {e}"[:1000]
+            release_memory(device)
+        point.peak_memory_bytes = memory.peak
+        if point.ok and settings.max_memory_bytes and point.peak_memory_bytes > settings.max_memory_bytes:
+            point.status = "over_memory"
+            point.error = f"peak memory {point.peak_memory_bytes} bytes > budget {settings.max_memory_bytes}"
+        if on_point:
+            on_point(point)
+        if point.status in ("oom", "over_memory"):
+            stop_reason = f"stopped at batch size {size}: {point.status} ({point.error})"
+            break
+        if not point.ok:
+            continue
+        if outputs is None:
+            outputs = produced
+        if best is not None and settings.min_gain is not None and point.throughput_sps < best.throughput_sps * (1 + settings.min_gain):
+            stop_reason = (f"stopped at batch size {size}: {point.throughput_sps:.3g} samples/s is not {settings.min_gain:.0%} "
+                           f"above {best.throughput_sps:.3g} at batch size {best.batch_size}")  # fmt: skip
+            break
+        if best is None or point.throughput_sps > best.throughput_sps:
+            best = point
+    return VariantSweep(variant, points, outputs, stop_reason, warmup_s)
+
+
+# --- quality and the recommendation -------------------------------------------------------------------------
+
+
+@dataclass
+class Quality:
+    """A variant's predictions scored on the same rows: Korean ROUGE against the references, the drop of ROUGE
+    final against fp32 (points), and agreement with fp32's predictions (ROUGE final and exact-match share)."""
+
+    rouge: dict[str, float]
+    rouge_drop: float
+    agreement_final: float
+    exact_match: float
+
+
+def quality_of(predictions: list[str], baseline: list[str], references: list[str]) -> Quality:
+    from dialogsum.metrics import rouge
+
+    scores = rouge(predictions, references)
+    base = rouge(baseline, references)
+    agreement = rouge(predictions, baseline)["final"] if any(b.strip() for b in baseline) else 0.0
+    exact = sum(p == b for p, b in zip(predictions, baseline)) / max(len(predictions), 1)
+    return Quality(scores, base["final"] - scores["final"], agreement, exact)
+
+
+@dataclass
+class Budget:
+    """Limits a recommendation must respect beyond the sweep's memory budget; None: no latency limit."""
+
+    max_rouge_drop: float = 0.5
+    max_latency_p95_s: float | None = None
+
+    @property
+    def rule(self) -> str:
+        latency = "none" if self.max_latency_p95_s is None else f"{self.max_latency_p95_s:g} s"
+        return RULE.format(max_rouge_drop=self.max_rouge_drop, max_latency_p95_s=latency)
+
+
+@dataclass
+class Recommendation:
+    variant: str
+    batch_size: int
+    reason: str
+
+
+def recommend(sweeps: dict[str, VariantSweep], quality: dict[str, Quality], sizes: dict[str, int], budget: Budget) -> Recommendation:
+    """Apply the budget's rule. When no batch size meets the latency budget, the lowest p95 latency among the
+    variants that keep quality; a variant without quality (none of its batch sizes ran) is never chosen."""
+    kept = [name for name in sweeps if name in quality and quality[name].rouge_drop <= budget.max_rouge_drop]
+    points = [p for name in kept for p in sweeps[name].points if p.ok]
+    if not points:
+        raise OptimizeError("no variant ran a batch size and kept quality; see the sweep table for the errors")
+    within = [p for p in points if budget.max_latency_p95_s is None or p.latency_s(95) <= budget.max_latency_p95_s]
+    if within:
+        best = min(within, key=lambda p: (-p.throughput_sps, p.batch_size, sizes.get(p.variant, 0)))
+        return Recommendation(best.variant, best.batch_size, f"{budget.rule}: {best.throughput_sps:.3g} samples/s")
+    fastest = min(points, key=lambda p: (p.latency_s(95), p.batch_size))
+    return Recommendation(fastest.variant, fastest.batch_size, f"no batch size met the latency budget ({budget.rule}); lowest p95 latency instead")
+
+
+# --- the optimize run ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class VariantResult:
+    sweep: VariantSweep
+    folder: Path
+    size_bytes: int
+    model_bytes: int
+    load_s: float
+    sweep_s: float
+    quality: Quality | None = None
+
+
+def model_bytes(model) -> int:
+    """Bytes of a model's weights in memory: every tensor of its state dict (packed int8 weights included), each
+    storage once. Unlike the process's RSS, it belongs to this variant alone."""
+    seen: dict[int, int] = {}
+    pending = list(model.state_dict().values())
+    while pending:
+        value = pending.pop()
+        if isinstance(value, (tuple, list)):
+            pending.extend(value)
+        elif hasattr(value, "data_ptr") and hasattr(value, "element_size"):
+            seen[value.data_ptr()] = max(seen.get(value.data_ptr(), 0), value.nelement() * value.element_size())
+    return sum(seen.values())
+
+
+@dataclass
+class OptimizeReport:
+    cfg: Any
+    total_params: int
+    results: dict[str, VariantResult]
+
+    @property
+    def sweeps(self) -> dict[str, VariantSweep]:
+        return {name: r.sweep for name, r in self.results.items()}
+
+    @property
+    def sweep_overhead(self) -> float:
+        """Wall time of loading, preparing, warming up and sweeping every variant over the pure (timed) generation time."""
+        generate = sum(r.sweep.generate_s for r in self.results.values())
+        return sum(r.load_s + r.sweep_s for r in self.results.values()) / generate if generate else float("nan")
+
+
+def load_variant(model_dir: Path, name: str, device: str, staging: Path):
+    """(model, tokenizer, ModelConfig): the saved model loaded once, in fp32 on the CPU, made into variant `name`."""
+    from dialogsum.models import load_for_inference
+    from dialogsum.quantize import prepare_variant
+
+    model, tokenizer, cfg = load_for_inference(model_dir, device="cpu")
+    return prepare_variant(model, name, device, staging), tokenizer, cfg
+
+
+def measure_variants(
+    model_dir: Path,
+    variants: Sequence[str],
+    data,
+    batch_sizes: Sequence[int],
+    *,
+    device: str,
+    workdir: Path,
+    generation: dict[str, Any] | None = None,
+    settings: SweepSettings | None = None,
+    on_point: Callable[[BatchPoint], None] | None = None,
+) -> OptimizeReport:
+    """Load each variant once, sweep it on the rows of `data` (a DialogueSet), save it to `workdir/<variant>`
+    and measure its size; then score every variant's predictions against the references and fp32's."""
+    from dialogsum.generate import summarize
+    from dialogsum.quantize import folder_bytes, save_variant
+
+    results: dict[str, VariantResult] = {}
+    cfg, total_params = None, 0
+    for name in variants:
+        start = time.perf_counter()
+        model, tokenizer, cfg = load_variant(model_dir, name, device, workdir / f"{name}-staging")
+        release_memory(device)  # the fp32 weights a variant replaced
+        if name == variants[0]:
+            total_params = sum(p.numel() for p in model.parameters())
+        loaded = time.perf_counter()
+
+        def generate(rows: list[int], model=model, tokenizer=tokenizer, cfg=cfg) -> list[str]:
+            return summarize(model, tokenizer, cfg, [data.rows[i].dialogue for i in rows], len(rows), generation)
+
+        sweep = sweep_batch_sizes(generate, len(data), batch_sizes, variant=name, device=device, settings=settings, on_point=on_point)
+        swept = time.perf_counter()
+        folder = save_variant(model, tokenizer, cfg, name, workdir / name)
+        results[name] = VariantResult(sweep, folder, folder_bytes(folder), model_bytes(model), loaded - start, swept - loaded)
+        del model, generate
+        release_memory(device)
+    baseline = results[variants[0]].sweep.outputs
+    for result in results.values():
+        if baseline is not None and result.sweep.outputs is not None:
+            result.quality = quality_of(result.sweep.outputs, baseline, data.summaries)
+    return OptimizeReport(cfg, total_params, results)
+
+
+def source_model_dir(model_uri: str) -> Path:
+    """The local `model_dir` folder of a logged dialogsum pyfunc (downloaded; the model is not loaded)."""
+    import json
+
+    import mlflow
+    from mlflow.models import Model
+
+    from dialogsum.models import MODEL_CONFIG_FILE
+    from dialogsum.serving import MODEL_ARTIFACT_KEY
+
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+        artifacts = Model.load(local).flavors["python_function"].get("artifacts", {})
+    except Exception as e:
+        raise OptimizeError(f"{model_uri}: cannot read the logged model ({type(e).__name__}: {e})") from e
+    if MODEL_ARTIFACT_KEY not in artifacts:
+        raise OptimizeError(f"{model_uri}: not a dialogsum model (no '{MODEL_ARTIFACT_KEY}' artifact)")
+    folder = local / artifacts[MODEL_ARTIFACT_KEY]["path"]
+    quantization = json.loads((folder / MODEL_CONFIG_FILE).read_text(encoding="utf-8")).get("quantization")
+    if quantization:
+        raise OptimizeError(f"{model_uri}: already an optimised '{quantization}' model; optimise its source model instead")
+    return folder
+
+
+def _log_point(point: BatchPoint) -> None:
+    import mlflow
+
+    from dialogsum.quantize import VARIANTS
+
+    prefix = VARIANTS[point.variant].metric_prefix
+    metrics = {f"{prefix}_ok": float(point.ok), f"{prefix}_peak_memory_bytes": float(point.peak_memory_bytes)}
+    if point.ok:
+        metrics.update({f"{prefix}_throughput_sps": point.throughput_sps, f"{prefix}_latency_p50_s": point.latency_s(50),
+                        f"{prefix}_latency_p95_s": point.latency_s(95)})  # fmt: skip
+    mlflow.log_metrics(metrics, step=point.batch_size)
+
+
+def _plot(report: OptimizeReport, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
+    for name, sweep in report.sweeps.items():
+        points = [p for p in sweep.points if p.ok]
+        sizes = [p.batch_size for p in points]
+        left.plot(sizes, [p.throughput_sps for p in points], marker="o", label=name)
+        line = right.plot(sizes, [p.latency_s(50) for p in points], marker="o", label=f"{name} p50")[0]
+        right.plot(sizes, [p.latency_s(95) for p in points], marker="x", linestyle="--", color=line.get_color(), label=f"{name} p95")
+    for ax, label in ((left, "throughput (samples/s)"), (right, "batch latency (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _summary_metrics(report: OptimizeReport, choice: Recommendation) -> dict[str, float]:
+    from dialogsum.quantize import BASELINE, VARIANTS
+
+    base = report.results[BASELINE]
+    metrics: dict[str, float] = {"sweep_overhead": report.sweep_overhead}
+    for name, result in report.results.items():
+        prefix = VARIANTS[name].metric_prefix
+        metrics[f"{prefix}_size_bytes"] = result.size_bytes
+        metrics[f"{prefix}_size_ratio"] = base.size_bytes / result.size_bytes
+        metrics[f"{prefix}_model_bytes"] = result.model_bytes
+        metrics[f"{prefix}_load_s"] = result.load_s
+        metrics[f"{prefix}_sweep_s"] = result.sweep_s
+        point, base_point = result.sweep.point(choice.batch_size), base.sweep.point(choice.batch_size)
+        if point and base_point:
+            metrics[f"{prefix}_speedup"] = point.throughput_sps / base_point.throughput_sps
+        if result.quality:
+            metrics.update({f"{prefix}_eval_{k}": v for k, v in result.quality.rouge.items()})
+            metrics.update({f"{prefix}_rouge_drop": result.quality.rouge_drop, f"{prefix}_agreement_final": result.quality.agreement_final,
+                            f"{prefix}_exact_match": result.quality.exact_match})  # fmt: skip
+    chosen = report.results[choice.variant]
+    point = chosen.sweep.point(choice.batch_size)
+    metrics.update({"recommended_throughput_sps": point.throughput_sps, "recommended_latency_p95_s": point.latency_s(95),
+                    "recommended_size_bytes": chosen.size_bytes})  # fmt: skip
+    if chosen.quality:
+        metrics.update({f"eval_{k}": v for k, v in chosen.quality.rouge.items()})
+    return metrics
+
+
+def _prediction_rows(report: OptimizeReport, data, logged: str) -> list[dict[str, Any]]:
+    from dialogsum.metrics import score_rows
+
+    outputs = {name: r.sweep.outputs for name, r in report.results.items() if r.sweep.outputs is not None}
+    logged_outputs = outputs.get(logged, [""] * len(data))
+    scores = score_rows(logged_outputs, data.summaries) if logged in outputs else [{}] * len(data)
+    rows = []
+    for i, row in enumerate(data.rows):
+        variants = {f"{name}_prediction": texts[i] for name, texts in outputs.items()}
+        rows.append({"fname": row.fname, "dialogue": row.dialogue, "reference": row.summary, "prediction": logged_outputs[i], **variants, **scores[i]})
+    return rows
+
+
+def _log_report(report: OptimizeReport, data, choice: Recommendation, budget: Budget, logged: str, workdir: Path) -> None:
+    import mlflow
+    import pandas as pd
+
+    from dialogsum.serving import log_summarizer
+    from dialogsum.tracking import log_predictions
+
+    mlflow.log_metrics(_summary_metrics(report, choice))
+    mlflow.log_table(pd.DataFrame([p.row() for sweep in report.sweeps.values() for p in sweep.points]), artifact_file=SWEEP_TABLE)
+    mlflow.log_artifact(str(_plot(report, workdir / Path(SWEEP_PLOT).name)), artifact_path=str(Path(SWEEP_PLOT).parent))
+    summary = {
+        "rule": budget.rule,
+        "budget": budget.__dict__,
+        "recommended": {"variant": choice.variant, "batch_size": choice.batch_size, "reason": choice.reason},
+        "logged_variant": logged,
+        "sweep_overhead": report.sweep_overhead,
+        "variants": {name: {"stop_reason": r.sweep.stop_reason, "size_bytes": r.size_bytes, "load_s": r.load_s,
+                            "model_bytes": r.model_bytes, "warmup_s": r.sweep.warmup_s, "sweep_s": r.sweep_s, "generate_s": r.sweep.generate_s,
+                            "quality": r.quality.__dict__ if r.quality else None} for name, r in report.results.items()},
+    }  # fmt: skip
+    mlflow.log_dict(summary, SUMMARY_FILE)
+    rows = _prediction_rows(report, data, logged)
+    log_predictions(rows)
+    n = min(2, len(rows))
+    log_summarizer(report.results[logged].folder, report.cfg.generation, [r["dialogue"] for r in rows[:n]],
+                   [r["prediction"] for r in rows[:n]], batch_size=choice.batch_size)  # fmt: skip
+
+
+def optimize_run(
+    run_id: str | None = None,
+    *,
+    model_uri: str | None = None,
+    quantization: str | Sequence[str] = "int8",
+    batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
+    data_path: str | Path | None = None,
+    n_samples: int | None = None,
+    parent_run_id: str | None = None,
+    device: str | None = None,
+    generation: dict[str, Any] | None = None,
+    settings: SweepSettings | None = None,
+    budget: Budget | None = None,
+    log_variant: str | None = None,
+) -> str:
+    """Measure the model of `run_id` (its `model`) or `model_uri` as fp32 and as each `quantization` variant on
+    `n_samples` rows (default 64) of `data_path` (default: the bundled labelled dev sample), log everything to an
+    `optimize` run and log the recommended variant (or `log_variant`) as its pyfunc `model`; returns the run id."""
+    import tempfile
+
+    import mlflow
+
+    from dialogsum.data import read_dialogues, sample_data_path
+    from dialogsum.precision import detect_device
+    from dialogsum.quantize import VARIANTS, resolve_variants
+    from dialogsum.registry import resolve_model_uri
+    from dialogsum.serving import MODEL_ARTIFACT_PATH
+    from dialogsum.tracking import (
+        MODEL_TAG,
+        configure_tracking,
+        log_config,
+        tracked_run,
+    )
+
+    if (run_id is None) == (model_uri is None):
+        raise OptimizeError("give exactly one of a run id or a model URI")
+    device = device or detect_device().kind
+    variants = resolve_variants(quantization, device)
+    if log_variant is not None and log_variant not in variants:
+        raise OptimizeError(f"log_variant '{log_variant}' is not among the measured variants {variants}")
+    budget = budget or Budget()
+    data = read_dialogues(data_path or sample_data_path("dev"), require_summary=True).head(n_samples or DEFAULT_N_SAMPLES)
+    configure_tracking()
+    pinned, source_params = resolve_model_uri(model_uri or f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}")
+    tags = {"dialogsum.source_model_uri": pinned, "dialogsum.device": device}
+    with tracked_run(run_name=f"optimize-{'-'.join(variants[1:]) or 'batch'}", kind="optimize", tags=tags, parent_run_id=parent_run_id) as run:
+        log_config({"source": {"model_uri": pinned, "run_id": run_id or source_params.get("model.source_run_id", "")},
+                    "optimize": {"variants": variants, "batch_sizes": sorted(set(batch_sizes)), "device": device,
+                                 "generation": generation or {}, "sweep": (settings or SweepSettings()).__dict__,
+                                 "budget": budget.__dict__},
+                    "data": {"path": str(data.report.path), "rows": len(data)}}, artifact_file="optimize/config.yaml")  # fmt: skip
+        mlflow.log_param("data.evaluation.file_digest", data.report.digest)
+        with run.stage_of("load"):
+            model_dir = source_model_dir(pinned)
+        with tempfile.TemporaryDirectory(prefix="dialogsum-optimize-") as tmp:
+            with run.stage_of("sweep"):
+                report = measure_variants(model_dir, variants, data, batch_sizes, device=device, workdir=Path(tmp),
+                                          generation=generation, settings=settings, on_point=_log_point)  # fmt: skip
+            quality = {name: r.quality for name, r in report.results.items() if r.quality}
+            choice = recommend(report.sweeps, quality, {n: r.size_bytes for n, r in report.results.items()}, budget)
+            logged = log_variant or choice.variant
+            mlflow.log_param("model.total_params", report.total_params)
+            mlflow.set_tags({MODEL_TAG: report.cfg.name, RECOMMENDED_VARIANT_TAG: choice.variant,
+                             RECOMMENDED_BATCH_SIZE_TAG: str(choice.batch_size), RECOMMENDATION_TAG: choice.reason[:5000],
+                             "dialogsum.logged_variant": logged, "dialogsum.logged_variant.description": VARIANTS[logged].description})  # fmt: skip
+            with run.stage_of("log"):
+                _log_report(report, data, choice, budget, logged, Path(tmp))
+        return run.run_id

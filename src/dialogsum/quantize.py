@@ -1,0 +1,217 @@
+"""Inference variants of a trained model: what each one is, how to make it from the fp32 model, how to save it
+so it loads back, and how `load_for_inference` restores it.
+
+- `fp32`: the original, on the sweep's device.
+- `int8` (CPU): dynamic INT8 quantization of every `nn.Linear` (int8 weights with per-output-channel scales,
+  activations quantized per batch) with PyTorch's fbgemm/x86 kernels via
+  `torch.ao.quantization.quantize_dynamic`. The README section
+  "Inference optimisation" explains why this path and not torchao or ONNX Runtime. It is saved as a real
+  int8 state dict (`weights/int8_dynamic.pt`) and rebuilt at load time: architecture from `config.json`,
+  the same quantization applied, then the int8 state loaded into it.
+- `fp16`, `bf16` (CUDA): the weights cast to half precision.
+- `bnb-int8`, `bnb-nf4` (CUDA): bitsandbytes LLM.int8 and 4-bit NF4 weights, saved in bitsandbytes'
+  serialized form.
+
+Module-level imports are standard library only, so GPU scripts without MLflow or pydantic can import it.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+INT8_STATE_FILE = "int8_dynamic.pt"
+BASELINE = "fp32"
+NO_QUANTIZATION = "none"
+
+
+class VariantError(ValueError):
+    """A variant that does not exist or cannot run on this device."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    device: str | None  # the only device it runs on; None: any
+    description: str
+
+    @property
+    def metric_prefix(self) -> str:
+        return self.name.replace("-", "_")
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("fp32", None, "full precision (the original)"),
+        Variant("int8", "cpu", "dynamic INT8 nn.Linear (torch.ao quantize_dynamic, fbgemm/x86 kernels)"),
+        Variant("fp16", "cuda", "float16 weights and compute"),
+        Variant("bf16", "cuda", "bfloat16 weights and compute"),
+        Variant("bnb-int8", "cuda", "bitsandbytes LLM.int8 weights"),
+        Variant("bnb-nf4", "cuda", "bitsandbytes 4-bit NF4 weights, bf16 compute"),
+    )
+}
+
+
+def resolve_variants(quantization: str | list[str] | tuple[str, ...], device: str) -> list[str]:
+    """The variants to measure: always the fp32 baseline first, then each requested one (`none`: baseline
+    only). Raises VariantError for an unknown name or one that cannot run on `device`."""
+    requested = quantization.split(",") if isinstance(quantization, str) else list(quantization)
+    names = [BASELINE]
+    for raw in requested:
+        name = raw.strip().lower()
+        if name in ("", NO_QUANTIZATION, BASELINE):
+            continue
+        if name not in VARIANTS:
+            raise VariantError(f"unknown quantization '{raw}' (choose from: {NO_QUANTIZATION}, {', '.join(VARIANTS)})")
+        variant = VARIANTS[name]
+        if variant.device is not None and variant.device != device:
+            usable = [v.name for v in VARIANTS.values() if v.device in (None, device) and v.name != BASELINE]
+            raise VariantError(f"quantization '{name}' runs on {variant.device}, this sweep runs on {device} (usable here: {', '.join(usable)})")
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def quantize_int8_dynamic(model):
+    """Replace every nn.Linear with a dynamically quantized INT8 one (per-output-channel weight scales), in place.
+
+    A model whose input embedding is tied to its output layer (BART, small Llamas) keeps that tie in spirit:
+    the input embedding becomes the output layer's int8 rows, dequantized, so the model is stored once, as int8,
+    and the measured model is exactly the one that is saved and loaded back."""
+    import torch
+
+    try:
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    except ImportError as e:
+        raise VariantError("this PyTorch has no torch.ao.quantization.quantize_dynamic; int8 is unavailable") from e
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight is model.get_input_embeddings().weight
+    # Deprecated in favour of torchao, whose INT8 path is slower than fp32 on CPU without torch.compile
+    # (see the README, "Inference optimisation"); the warning is known and would repeat on every load.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization is deprecated.*")
+        warnings.filterwarnings("ignore", message=r".*quantize_per_tensor.*are deprecated.*")
+        quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+    if tied:
+        with torch.no_grad():
+            model.get_input_embeddings().weight.copy_(_int8_output_rows(model))
+    return model
+
+
+def _int8_output_rows(model):
+    return model.get_output_embeddings().weight().dequantize()
+
+
+def _embedding_keys(model, state: dict) -> list[str]:
+    """State keys that hold the input embedding (several when encoder and decoder share it)."""
+    pointer = model.get_input_embeddings().weight.data_ptr()
+    return [k for k, v in state.items() if hasattr(v, "data_ptr") and v.data_ptr() == pointer]
+
+
+def bitsandbytes_config(name: str):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if name == "bnb-int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+
+
+def prepare_variant(model, name: str, device: str, staging: Path):
+    """The variant `name` of an fp32 model on the CPU (which it may convert in place), on `device`.
+
+    bitsandbytes variants are re-read from `staging` through `from_pretrained`, their supported entry point."""
+    import torch
+
+    if name == BASELINE:
+        return model.to(device)
+    if name in ("fp16", "bf16"):
+        return model.to(device=device, dtype=torch.float16 if name == "fp16" else torch.bfloat16)
+    if name == "int8":
+        return quantize_int8_dynamic(model)
+    if name.startswith("bnb-"):
+        model.save_pretrained(staging)
+        return type(model).from_pretrained(staging, quantization_config=bitsandbytes_config(name), device_map={"": 0}).eval()
+    raise VariantError(f"unknown variant '{name}'")
+
+
+class _Int8Weights:
+    """Stands in for a model in `save_for_inference`: writes config, generation config and the int8 state
+    (without the input embedding when it is the output layer's int8 rows, see `quantize_int8_dynamic`)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def save_pretrained(self, folder: Path) -> None:
+        import torch
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.model.config.save_pretrained(folder)
+        self.model.generation_config.save_pretrained(folder)
+        state = self.model.state_dict()
+        if torch.equal(self.model.get_input_embeddings().weight, _int8_output_rows(self.model)):
+            for key in _embedding_keys(self.model, state):
+                del state[key]
+        torch.save(state, folder / INT8_STATE_FILE)
+
+
+def save_variant(model, tokenizer, cfg, name: str, folder: Path) -> Path:
+    """Save a variant in the `save_for_inference` layout, with `quantization` recorded in its
+    `dialogsum_model.json` (absent for fp32) so `load_for_inference` rebuilds the same variant."""
+    from dialogsum.models import MODEL_CONFIG_FILE, BuiltModel, save_for_inference
+
+    merged = cfg.model_copy(update={"lora": None, "quantization": "none"})  # adapters are merged by the loader
+    writer = _Int8Weights(model) if name == "int8" else model
+    save_for_inference(BuiltModel(model, tokenizer, "", []), merged, folder, writer)
+    if name != BASELINE:
+        info_path = folder / MODEL_CONFIG_FILE
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        info["quantization"] = name
+        info_path.write_text(json.dumps(info, ensure_ascii=False, indent=2), encoding="utf-8")
+    return folder
+
+
+def load_quantized(weights: Path, name: str, auto) -> Any:
+    """Rebuild a saved variant (see `save_variant`) from its `weights` folder, placed on its device, in eval mode."""
+    import torch
+
+    if name == "int8":
+        from transformers import AutoConfig, GenerationConfig
+        from transformers.initialization import no_init_weights
+
+        with no_init_weights():
+            model = auto.from_config(AutoConfig.from_pretrained(weights))
+        model.tie_weights()  # skipped under no_init_weights; the int8 state stores tied weights once
+        model.generation_config = GenerationConfig.from_pretrained(weights)
+        quantize_int8_dynamic(model.eval())
+        with warnings.catch_warnings():  # torch's own quantized-tensor unpickling uses the deprecated TypedStorage
+            warnings.filterwarnings("ignore", message=r".*TypedStorage is deprecated.*")
+            state = torch.load(weights / INT8_STATE_FILE, weights_only=True)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - set(_embedding_keys(model, model.state_dict())):
+            raise VariantError(f"{weights / INT8_STATE_FILE} does not fit its config.json (missing {missing}, unexpected {unexpected})")
+        if missing:
+            with torch.no_grad():
+                model.get_input_embeddings().weight.copy_(_int8_output_rows(model))
+        return model
+    if name in ("fp16", "bf16"):
+        if not torch.cuda.is_available():  # half precision generation on CPU is slow; serve it in fp32 there
+            return auto.from_pretrained(weights, dtype=torch.float32).eval()
+        dtype = torch.float16 if name == "fp16" else torch.bfloat16
+        return auto.from_pretrained(weights, dtype=dtype).to("cuda").eval()
+    if name.startswith("bnb-"):
+        if not torch.cuda.is_available():
+            raise VariantError(f"{weights}: a {name} model needs a CUDA device to load")
+        return auto.from_pretrained(weights, device_map={"": 0}).eval()
+    raise VariantError(f"{weights.parent}: unknown quantization '{name}' in its dialogsum_model.json")
+
+
+def folder_bytes(path: Path) -> int:
+    """Bytes on disk of every file under `path`."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())

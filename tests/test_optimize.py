@@ -1,0 +1,213 @@
+"""`optimize` on a small trained BART (KoBART architecture at toy size, the real KoBART tokenizer, trained briefly on
+real Korean DialogSum rows): the INT8 model is smaller on disk and loads back from MLflow in a fresh process; the
+sweep loads each variant once and records every batch size; an out-of-memory batch size stops the growth.
+
+One optimize run (module fixture) serves most tests. An out-of-memory error cannot be provoked safely on this
+machine, so a spy on the real generation call raises `torch.cuda.OutOfMemoryError` for one batch size of the
+int8 variant: it stands in for a CUDA OOM, and everything else is the real model generating real summaries.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+import dialogsum.data
+import dialogsum.generate
+import dialogsum.models
+import dialogsum.optimize
+from dialogsum.data import read_dialogues
+from dialogsum.optimize import (
+    RECOMMENDED_BATCH_SIZE_TAG,
+    RECOMMENDED_VARIANT_TAG,
+    SWEEP_TABLE,
+    BatchPoint,
+    Budget,
+    Quality,
+    SweepSettings,
+    VariantSweep,
+    load_variant,
+    optimize_run,
+    recommend,
+    sweep_batch_sizes,
+)
+from dialogsum.quantize import VariantError, resolve_variants
+from dialogsum.tracking import (
+    KIND_TAG,
+    STATUS_TAG,
+    load_predictions,
+)
+
+KOREAN_OR_SPEAKER = re.compile(r"[\uac00-\ud7a3]|#Person\d#")
+FAST_GENERATION = {"num_beams": 1, "max_new_tokens": 8}
+BATCH_SIZES = (1, 2, 4, 8)
+OOM_BATCH_SIZE = 4
+
+
+def is_quantized(module) -> bool:
+    return type(module).__module__.startswith("torch.ao.nn.quantized.dynamic")
+
+
+@pytest.fixture(scope="module")
+def labelled(shared):
+    return shared("data/dialogsum-ko/labeled.csv")
+
+
+@pytest.fixture(scope="module")
+def trained_run(module_store, shared, labelled) -> str:
+    from dialogsum.train import train_model
+
+    return train_model("kobart-tiny", train_path=labelled, eval_path=labelled,
+                       overrides={"training.epochs": 1, "training.max_train_samples": 32, "training.max_eval_samples": 4,
+                                  "generation.max_new_tokens": 8, "tokenizer.path": str(shared("tokenizers/kobart"))})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def optimized(trained_run, labelled):
+    """One int8 optimize run, counting model loads, with an out-of-memory error injected at batch size 4 of int8."""
+    loads: list[str] = []
+    real_load = dialogsum.models.load_for_inference
+    real_summarize = dialogsum.generate.summarize
+
+    def counting_load(folder, device=None):
+        loads.append(str(folder))
+        return real_load(folder, device)
+
+    def summarize_or_oom(model, tokenizer, cfg, dialogues, batch_size=16, overrides=None, on_batch=None):
+        quantized = any(is_quantized(m) for m in model.modules())
+        if quantized and batch_size == OOM_BATCH_SIZE:  # stands in for a CUDA OOM at this batch size
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_summarize(model, tokenizer, cfg, dialogues, batch_size, overrides, on_batch)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dialogsum.models, "load_for_inference", counting_load)
+        mp.setattr(dialogsum.generate, "summarize", summarize_or_oom)
+        run_id = optimize_run(trained_run, quantization="int8", batch_sizes=BATCH_SIZES, data_path=labelled, n_samples=6,
+                              generation=FAST_GENERATION, settings=SweepSettings(min_gain=None, min_batches=2),
+                              budget=Budget(max_rouge_drop=100.0), log_variant="int8")  # fmt: skip
+    return {"run_id": run_id, "loads": loads}
+
+
+def test_int8_model_is_smaller_on_disk_and_loads_back_in_a_fresh_process_with_korean_summaries(optimized, module_store, labelled):
+    run = mlflow.get_run(optimized["run_id"])
+    assert run.data.tags[KIND_TAG] == "optimize" and run.data.tags[STATUS_TAG] == "succeeded"
+    metrics = run.data.metrics
+    assert metrics["int8_size_bytes"] < metrics["fp32_size_bytes"]
+    model_uri = f"runs:/{optimized['run_id']}/model"
+    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri)
+    logged_weights = sum(p.stat().st_size for p in Path(local).rglob("weights/*") if p.is_file())
+    assert logged_weights < metrics["fp32_size_bytes"]
+
+    dialogues = read_dialogues(labelled).dialogues[10:12]
+    script = textwrap.dedent(f"""
+        import json, sys
+        import mlflow, pandas as pd
+        model = mlflow.pyfunc.load_model({model_uri!r})
+        inner = model.unwrap_python_model().model
+        quantized = sum(type(m).__module__.startswith("torch.ao.nn.quantized.dynamic") for m in inner.modules())
+        summaries = list(model.predict(pd.DataFrame({{"dialogue": json.loads(sys.argv[1])}}), params={{"num_beams": 1, "max_new_tokens": 12}}))
+        print(json.dumps({{"quantized_linears": quantized, "summaries": summaries}}, ensure_ascii=False))
+    """)
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(dialogues, ensure_ascii=False)], capture_output=True,
+                          text=True, cwd=module_store, timeout=300, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["quantized_linears"] > 0
+    assert len(result["summaries"]) == 2
+    assert all(KOREAN_OR_SPEAKER.search(s) for s in result["summaries"]), result["summaries"]
+
+
+def test_sweep_loads_each_variant_once_and_logs_every_batch_size_as_a_step(optimized):
+    source, *others = optimized["loads"]
+    assert optimized["loads"].count(source) == 2  # fp32 and int8, each loaded once from the source for the whole sweep
+    assert all(Path(f).name == "int8" for f in others if f != source)  # MLflow validating the logged int8 model
+    client = mlflow.MlflowClient()
+    steps = [m.step for m in client.get_metric_history(optimized["run_id"], "fp32_throughput_sps")]
+    assert sorted(steps) == list(BATCH_SIZES)
+    table = load_predictions(optimized["run_id"], SWEEP_TABLE)
+    fp32 = table[table.variant == "fp32"]
+    assert list(fp32.batch_size) == list(BATCH_SIZES) and set(fp32.status) == {"ok"}
+    assert (fp32.throughput_sps > 0).all() and (fp32.latency_p95_s >= fp32.latency_p50_s).all()
+    assert (fp32.peak_memory_bytes > 0).all()
+
+
+def test_out_of_memory_batch_size_is_recorded_and_stops_growth(optimized):
+    table = load_predictions(optimized["run_id"], SWEEP_TABLE)
+    int8 = table[table.variant == "int8"].set_index("batch_size")
+    assert list(int8.index) == [1, 2, OOM_BATCH_SIZE]  # 8 was never tried
+    assert list(int8.status) == ["ok", "ok", "oom"]
+    assert "OutOfMemoryError" in int8.loc[OOM_BATCH_SIZE, "error"]
+    summary = mlflow.artifacts.load_dict(f"runs:/{optimized['run_id']}/optimize/summary.json")
+    assert "oom" in summary["variants"]["int8"]["stop_reason"]
+
+
+def test_recommendation_and_quality_are_logged(optimized):
+    run = mlflow.get_run(optimized["run_id"])
+    tags, metrics = run.data.tags, run.data.metrics
+    assert tags[RECOMMENDED_VARIANT_TAG] in ("fp32", "int8")
+    assert int(tags[RECOMMENDED_BATCH_SIZE_TAG]) in BATCH_SIZES
+    for name in ("fp32", "int8"):
+        assert 0.0 <= metrics[f"{name}_eval_final"] <= 100.0
+        assert f"{name}_agreement_final" in metrics and f"{name}_exact_match" in metrics
+    assert metrics["fp32_rouge_drop"] == 0.0 and metrics["fp32_exact_match"] == 1.0
+    assert metrics["sweep_overhead"] >= 1.0
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(optimized["run_id"], "optimize")}
+    assert "optimize/throughput_latency.png" in artifacts
+    predictions = load_predictions(optimized["run_id"])
+    assert len(predictions) == 6 and {"fp32_prediction", "int8_prediction", "reference"} <= set(predictions.columns)
+
+
+def test_failing_batch_size_is_recorded_and_the_sweep_goes_on_while_a_memory_budget_stops_it(trained_run, module_store):
+    model_dir = dialogsum.optimize.source_model_dir(f"runs:/{trained_run}/model")
+    model, tokenizer, cfg = load_variant(model_dir, "fp32", "cpu", module_store / "staging")
+    dialogues = read_dialogues(dialogsum.data.sample_data_path("dev")).dialogues[:4]
+
+    def generate(rows: list[int]) -> list[str]:
+        if len(rows) == 2:
+            raise ValueError("a bad batch")  # a non-memory failure: recorded, larger batches still tried
+        return dialogsum.generate.summarize(model, tokenizer, cfg, [dialogues[i] for i in rows], len(rows), FAST_GENERATION)
+
+    sweep = sweep_batch_sizes(generate, len(dialogues), (1, 2, 4), variant="fp32", device="cpu", settings=SweepSettings(min_gain=None))
+    assert [(p.batch_size, p.status) for p in sweep.points] == [(1, "ok"), (2, "failed"), (4, "ok")]
+    assert "a bad batch" in sweep.points[1].error
+    assert all(KOREAN_OR_SPEAKER.search(o) for o in sweep.outputs)
+
+    budget = SweepSettings(min_gain=None, max_memory_bytes=1)
+    limited = sweep_batch_sizes(generate, len(dialogues), (1, 2, 4), variant="fp32", device="cpu", settings=budget)
+    assert [(p.batch_size, p.status) for p in limited.points] == [(1, "over_memory")]
+    assert "budget" in limited.stop_reason
+
+
+def test_recommendation_rule_keeps_quality_and_the_latency_budget():
+    def sweep(variant: str, latencies: dict[int, float]) -> VariantSweep:
+        points = [BatchPoint(variant, b, latencies_s=[s] * 3, samples=3 * b) for b, s in latencies.items()]
+        return VariantSweep(variant, points, outputs=[], stop_reason="", warmup_s=0.0)
+
+    sweeps = {"fp32": sweep("fp32", {1: 1.0, 8: 4.0}), "int8": sweep("int8", {1: 0.4, 8: 1.2})}
+    quality = {"fp32": Quality({}, 0.0, 100.0, 1.0), "int8": Quality({}, 0.3, 95.0, 0.8)}
+    sizes = {"fp32": 500, "int8": 130}
+    choice = recommend(sweeps, quality, sizes, Budget(max_rouge_drop=0.5))
+    assert (choice.variant, choice.batch_size) == ("int8", 8)
+    assert "drops by at most 0.5" in choice.reason
+    assert (recommend(sweeps, quality, sizes, Budget(max_rouge_drop=0.2)).variant) == "fp32"  # int8 loses too much
+    choice = recommend(sweeps, quality, sizes, Budget(max_latency_p95_s=1.0))
+    assert (choice.variant, choice.batch_size) == ("int8", 1)  # batch 8 is over the latency budget
+    choice = recommend(sweeps, quality, sizes, Budget(max_latency_p95_s=0.1))
+    assert (choice.variant, choice.batch_size) == ("int8", 1) and "lowest p95" in choice.reason
+
+
+def test_unknown_or_misplaced_variants_are_rejected_with_the_choices():
+    assert resolve_variants("none", "cpu") == ["fp32"]
+    assert resolve_variants("int8", "cpu") == ["fp32", "int8"]
+    with pytest.raises(VariantError, match="runs on cuda"):
+        resolve_variants("bf16", "cpu")
+    with pytest.raises(VariantError, match="choose from"):
+        resolve_variants("int4", "cpu")
