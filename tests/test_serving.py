@@ -73,6 +73,9 @@ def test_served_champion_answers_a_json_request_with_korean_summaries(champion, 
         print(f"\nserved summaries: {summaries}")
         assert len(summaries) == len(dialogues)
         assert all(KOREAN_OR_SPEAKER.search(s) for s in summaries), summaries
+        listed = requests.post(f"{url}/invocations", json={"inputs": dialogues, "params": {"max_new_tokens": 16}}, timeout=60)
+        assert listed.status_code == 200, listed.text
+        assert listed.json()["predictions"] == summaries, "a plain list of dialogues is accepted too"
     finally:
         stop_process_group(process)
 

@@ -62,10 +62,12 @@ def test_kobart_tiny_run_tells_the_whole_story(mlflow_store, shared):
     assert len(table) == 8 and table["fname"].tolist()[0] == "dev_0"
 
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
-    assert model.metadata.signature.inputs.input_names() == ["dialogue"]
-    summaries = model.predict(pd.DataFrame({"dialogue": table["dialogue"].tolist()[:3]}), params={"max_new_tokens": 24})
+    assert "max_new_tokens" in [p.name for p in model.metadata.signature.params.params]
+    frame = table[["fname", "dialogue"]].head(3)
+    summaries = model.predict(frame, params={"max_new_tokens": 24})
     assert len(summaries) == 3 and all(isinstance(s, str) and s for s in summaries)
     assert any(HANGUL.search(s) for s in summaries), summaries
+    assert model.predict(frame["dialogue"].tolist(), params={"max_new_tokens": 24}) == summaries, "a list of strings works too"
 
 
 def test_qlora_causal_model_trains_in_4bit_on_cpu_and_loss_goes_down(mlflow_store, shared):

@@ -68,13 +68,19 @@ def log_summarizer(
     **kwargs,
 ):
     """Log a saved model folder as the `model` pyfunc of the active run, with signature and input example;
-    `batch_size` is the default generation batch size of `predict`."""
+    `batch_size` is the default generation batch size of `predict`.
+
+    The signature declares the output and the per-request generation params but no input schema: MLflow's input
+    enforcement would either reject a plain list of strings (named `dialogue` column) or keep only the first
+    column of a DataFrame (unnamed column). `dialogues_from_input` validates the input instead and accepts a
+    DataFrame with a `dialogue` column, a list of strings or {"dialogue": [...]}."""
     import pandas as pd
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature, infer_signature
 
     example = pd.DataFrame({"dialogue": example_dialogues})
     warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
-    signature = infer_signature(example, pd.Series(example_summaries, name="summary"), params=default_params(settings, batch_size))
+    inferred = infer_signature(example, pd.Series(example_summaries, name="summary"), params=default_params(settings, batch_size))
+    signature = ModelSignature(inputs=None, outputs=inferred.outputs, params=inferred.params)
     kwargs.setdefault("pip_requirements", inference_requirements())
     kwargs.setdefault("code_paths", [str(Path(__file__).resolve().parent)])
     return mlflow.pyfunc.log_model(
