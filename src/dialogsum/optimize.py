@@ -470,12 +470,9 @@ def _log_point(point: BatchPoint) -> None:
 
 
 def _plot(report: OptimizeReport, path: Path) -> Path:
-    import matplotlib
+    from dialogsum import figures
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
+    fig, (left, right) = figures.subplots(1, 2, figsize=(9, 3.4), dpi=100)
     for name, sweep in report.sweeps.items():
         points = [p for p in sweep.points if p.ok]
         sizes = [p.batch_size for p in points]
@@ -488,10 +485,7 @@ def _plot(report: OptimizeReport, path: Path) -> Path:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return figures.save(fig, path)
 
 
 def _summary_metrics(report: OptimizeReport, choice: Recommendation) -> dict[str, float]:

@@ -237,8 +237,7 @@ class Pipeline:
 
     def _spawn(self, name: str, kind: str, command: list[str], timeout_s: float) -> StageOutcome:
         run_id = create_child_run(self.parent_id, name, kind, {MODEL_TAG: name})
-        outcome = _run_stage_process(run_id, kind, command, timeout_s, self.log_dir)
-        return outcome
+        return _run_stage_process(run_id, kind, command, timeout_s, self.log_dir)
 
 
 _STEP_KIND = {"evaluate_solar": "solar", "ensemble": "ensemble", "optimize": "optimize", "register": "register"}

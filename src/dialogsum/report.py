@@ -105,13 +105,10 @@ def pivot_matrix(matrix):
 
 
 def matrix_png(matrix, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from dialogsum import figures
 
     wide = pivot_matrix(matrix)
-    fig, ax = plt.subplots(figsize=(1.8 + 2.1 * max(len(wide.columns), 1), 0.8 + 0.45 * max(len(wide), 1)), dpi=110)
+    fig, ax = figures.subplots(figsize=(1.8 + 2.1 * max(len(wide.columns), 1), 0.8 + 0.45 * max(len(wide), 1)), dpi=110)
     ax.axis("off")
     if not wide.empty:
         colours = [[STATUS_COLOURS.get(str(v).split(" ")[0], "white") for v in row] for row in wide.values]
@@ -120,10 +117,7 @@ def matrix_png(matrix, path: Path) -> Path:
         table.set_fontsize(8)
         table.scale(1, 1.4)
     ax.set_title("dialogsum pipeline: model × stage")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return figures.save(fig, path)
 
 
 def log_matrix(parent_id: str, folder: Path):
@@ -141,41 +135,29 @@ def log_matrix(parent_id: str, folder: Path):
 
 
 def _curves_png(train_runs: list, path: Path) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from dialogsum import figures
 
     client = _client()
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    plotted = False
-    for run in train_runs:
-        history = client.get_metric_history(run.info.run_id, "eval_final")
-        if history:
-            points = sorted((m.step, m.value) for m in history)
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=run.data.tags.get(MODEL_TAG))
-            plotted = True
-    if not plotted:
-        plt.close(fig)
+    curves = {run.data.tags.get(MODEL_TAG): sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "eval_final"))
+              for run in train_runs}  # fmt: skip
+    curves = {model: points for model, points in curves.items() if points}
+    if not curves:
         return None
+    fig, ax = figures.subplots(figsize=(6, 3.5), dpi=100)
+    for model, points in curves.items():
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=model)
     ax.set_xlabel("epoch")
     ax.set_ylabel("eval_final (Korean ROUGE × 100)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return figures.save(fig, path)
 
 
 def _timeline_png(parent, children: list, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from dialogsum import figures
 
     t0 = parent.info.start_time
-    fig, ax = plt.subplots(figsize=(7, 0.8 + 0.35 * max(len(children), 1)), dpi=100)
+    fig, ax = figures.subplots(figsize=(7, 0.8 + 0.35 * max(len(children), 1)), dpi=100)
     for i, run in enumerate(children):
         start = (run.info.start_time - t0) / 1000
         end = ((run.info.end_time or run.info.start_time) - t0) / 1000
@@ -185,10 +167,7 @@ def _timeline_png(parent, children: list, path: Path) -> Path:
     ax.set_yticklabels([f"{r.data.tags.get(KIND_TAG)}: {r.data.tags.get(MODEL_TAG, r.info.run_name)}" for r in children], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("seconds since pipeline start")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return figures.save(fig, path)
 
 
 def _traceback_excerpt(run_id: str, lines: int = 12) -> str:

@@ -102,13 +102,10 @@ def _is_better(candidate: float, best: float | None, mode: str) -> bool:
 
 
 def _rouge_curve_png(history: list[EpochResult], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from dialogsum import figures
 
     epochs = [h.epoch for h in history]
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    fig, ax = figures.subplots(figsize=(5, 3.2), dpi=100)
     for key in ("eval_rouge1", "eval_rouge2", "eval_rougeL"):
         ax.plot(epochs, [h.metrics[key] for h in history], marker="o", label=key.removeprefix("eval_"))
     ax.set_xlabel("epoch")
@@ -116,10 +113,7 @@ def _rouge_curve_png(history: list[EpochResult], path: Path) -> Path:
     ax.set_xticks(epochs)
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return figures.save(fig, path)
 
 
 def train_epoch(model, loader, optimizer, scheduler, accelerator, max_grad_norm: float, on_step) -> int:
