@@ -81,12 +81,19 @@ def speed_and_size(args, workdir: Path) -> None:
           f"weights in memory: fp32 {fp32.model_bytes / 1e6:.1f} MB, int8 {int8.model_bytes / 1e6:.1f} MB "
           "(peak RSS above is the whole process, including what the fp32 phase left behind)")  # fmt: skip
     print(f"chosen: {choice.variant} at batch size {choice.batch_size} ({choice.reason})")
+    for p in int8.sweep.points:
+        base = fp32.sweep.point(p.batch_size)
+        if p.ok and base is not None:
+            print(f"  int8/fp32 at batch size {p.batch_size}: {p.throughput_sps / base.throughput_sps:.2f}x")
     if fast is None or slow is None:
         print(f"fp32 or int8 did not run batch size {choice.batch_size}; no throughput ratio")
     else:
         cpu_ratio = (slow.cpu_s / slow.samples) / (fast.cpu_s / fast.samples)
         print(f"throughput int8/fp32 at batch size {choice.batch_size}: {fast.throughput_sps / slow.throughput_sps:.2f}x wall-clock, "
               f"{cpu_ratio:.2f}x by CPU time per sample (target >= 3)")  # fmt: skip
+    best = {r.sweep.variant: max((p for p in r.sweep.points if p.ok), key=lambda p: p.throughput_sps) for r in (fp32, int8)}
+    print(f"each at its best batch size: int8 {best['int8'].throughput_sps:.2f} samples/s (batch {best['int8'].batch_size}) / fp32 "
+          f"{best['fp32'].throughput_sps:.2f} (batch {best['fp32'].batch_size}) = {best['int8'].throughput_sps / best['fp32'].throughput_sps:.2f}x")  # fmt: skip
     generate = sum(r.sweep.generate_s for r in (fp32, int8))
     print(f"sweep overhead: {report.sweep_overhead:.3f} (load+quantize+warm-up+sweep {sum(r.load_s + r.sweep_s for r in (fp32, int8)):.1f} s / "
           f"timed generation {generate:.1f} s; load fp32 {fp32.load_s:.1f} s, int8 {int8.load_s:.1f} s (with quantization); "
@@ -117,7 +124,9 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
     parser.add_argument("--num-beams", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--min-gain", type=float, default=0.05)
+    parser.add_argument("--min-gain", type=float, default=None,
+                        help="stop growing a variant's batch at a smaller gain (default: measure every batch size, so the "
+                             "int8/fp32 ratio exists at each)")
     parser.add_argument("--train-epochs", type=int, default=3)
     parser.add_argument("--quality-samples", type=int, default=64)
     args = parser.parse_args()

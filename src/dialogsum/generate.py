@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
 from dialogsum.config import GenerationSettings, ModelConfig
 from dialogsum.features import prompt_ids
 
@@ -38,6 +40,7 @@ def summarize(
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     left = cfg.task == "causal"
+    beam_cache = cfg.task == "seq2seq" and kwargs["num_beams"] > 1
     model.eval()
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
@@ -50,12 +53,14 @@ def summarize(
                 span = slice(width - len(ids), width) if left else slice(0, len(ids))
                 input_ids[row, span] = ids
                 attention[row, span] = 1
+            cache = {"past_key_values": BeamSharedCrossAttentionCache()} if beam_cache else {}
             generated = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention.to(device),
                 pad_token_id=pad,
                 eos_token_id=tokenizer.eos_token_id,
                 **kwargs,
+                **cache,
             )
             if left:
                 generated = generated[:, width:]
@@ -64,3 +69,20 @@ def summarize(
             if on_batch:
                 on_batch(len(idx))
     return outputs
+
+
+class BeamSharedCrossAttentionCache(EncoderDecoderCache):
+    """An encoder-decoder cache for beam search that leaves the cross-attention keys and values in place when
+    beams are reordered.
+
+    Beam search reorders beams only within their own dialogue, and every beam of a dialogue attends to the same
+    encoder output, so the cross-attention rows it would gather are copies of the rows already there.
+    transformers' `EncoderDecoderCache` gathers them anyway: for each new token, the keys and values of the
+    whole source (every layer, every beam) are copied once more, which was 28% of KoBART-sized fp32 generation
+    with 4 beams on CPU. Self-attention keys and values, which differ per beam, are reordered as usual."""
+
+    def __init__(self) -> None:
+        super().__init__(DynamicCache(), DynamicCache())
+
+    def reorder_cache(self, beam_idx) -> None:
+        self.self_attention_cache.reorder_cache(beam_idx)
