@@ -117,7 +117,7 @@ def test_no_candidate_fails_and_records_the_failed_register_run(module_store):
     with tracked_run(run_name="lonely", kind="train"):
         mlflow.log_metric("eval_final", 10.0)  # succeeded, but no model logged
     result = CliRunner().invoke(app, ["register", "--experiment", "registry-empty", "--name", NAME])
-    assert result.exit_code == 1 and "no succeeded train/optimize run with a logged model" in result.output
+    assert result.exit_code == 1 and "no succeeded train run with a logged model" in result.output
     failed = mlflow.search_runs(filter_string=f"tags.`{KIND_TAG}` = 'register'", output_format="list")
     assert [r.data.tags[STATUS_TAG] for r in failed] == ["failed"]
 
@@ -174,3 +174,19 @@ def test_register_on_the_team_tracking_server(team_server, monkeypatch):
         assert client.get_model_version(name, "2").tags["metric.eval_final"] == "2"
     finally:
         mlflow.set_tracking_uri(previous_uri)
+
+
+def test_optimize_runs_are_registered_by_run_id_not_ranked_with_training_runs(module_store):
+    """An optimize run's ROUGE is measured on its own rows: a high score there does not outrank training runs."""
+    name = f"dialogsum-ko-{uuid.uuid4().hex[:8]}"
+    configure_tracking("registry-optimize")
+    with tracked_run(run_name="pipeline", kind="pipeline") as parent:
+        children = {}
+        for kind, score in (("train", 20.0), ("optimize", 99.0)):
+            with tracked_run(run_name=kind, kind=kind, parent_run_id=parent.run_id) as child:
+                mlflow.log_metric("eval_final", score)
+                mlflow.pyfunc.log_model(name="model", python_model=Constant(), pip_requirements=[])
+            children[kind] = child.run_id
+    assert register_best(parent_run_id=parent.run_id, name=name) == ("1", children["train"])
+    assert register_best(run_id=children["optimize"], name=name) == ("2", children["optimize"])
+    assert mlflow.MlflowClient().get_model_version(name, "2").tags[KIND_TAG] == "optimize"

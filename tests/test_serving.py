@@ -151,7 +151,7 @@ def test_failed_rows_are_recorded_never_silently_blank(unlabelled, tmp_path):
 def test_predict_cli_exits_1_and_logs_errors_when_rows_fail(champion, module_store, monkeypatch):
     data = module_store / "small.csv"
     data.write_text('fname,dialogue\ntest_a,#Person1#: 안녕하세요.\ntest_b,"#Person2#: 네, 반갑습니다."\n', encoding="utf-8")
-    monkeypatch.setattr("dialogsum.predict._predict_rows", lambda model, dialogues, params: [""] * len(dialogues))
+    monkeypatch.setattr("dialogsum.predict.predict_summaries", lambda model, dialogues, params: [""] * len(dialogues))
     result = CliRunner().invoke(app, ["predict", "--model-uri", CHAMPION_URI, "--data", str(data), "--out", "small-out.csv"])
     assert result.exit_code == 1 and "2 row(s) have no summary" in result.output
     run = mlflow.search_runs(filter_string="params.`data.path` LIKE '%small.csv'", output_format="list")[0]

@@ -264,8 +264,8 @@ def register(
 ) -> None:
     """Register the best run's model as NAME@champion; the previous champion keeps alias @previous.
 
-    Candidates are succeeded train/optimize runs with a logged model. Ties: higher metric, then fewer
-    parameters, then earlier end time, then smaller run id.
+    Candidates are succeeded train runs with a logged model (an optimize run's model: --run). Ties: higher
+    metric, then fewer parameters, then earlier end time, then smaller run id.
     """
     from dialogsum.registry import CHAMPION_ALIAS, PREVIOUS_ALIAS, RegistryError, run_register
     from dialogsum.tracking import TrackingError, configure_tracking

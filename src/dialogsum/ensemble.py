@@ -260,14 +260,13 @@ def generate_predictions(source: Source, dialogues: list[str]) -> list[str]:
     """The source's logged pyfunc model's summaries for the dialogues."""
     import mlflow
 
-    from dialogsum.serving import MODEL_ARTIFACT_PATH
+    from dialogsum.serving import MODEL_ARTIFACT_PATH, predict_summaries
 
     model = mlflow.pyfunc.load_model(f"runs:/{source.run_id}/{MODEL_ARTIFACT_PATH}")
-    output = model.predict(pd.DataFrame({"dialogue": dialogues}))
-    summaries = list(output.iloc[:, 0] if isinstance(output, pd.DataFrame) else output)
-    if len(summaries) != len(dialogues):
-        raise ValueError(f"{source.label}: the model returned {len(summaries)} summaries for {len(dialogues)} dialogues")
-    return [str(s) for s in summaries]
+    try:
+        return predict_summaries(model, dialogues)
+    except ValueError as e:
+        raise ValueError(f"{source.label}: {e}") from e
 
 
 def candidates_from_models(sources: list[Source], dataset: DialogueSet) -> CandidateSet:

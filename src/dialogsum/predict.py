@@ -16,6 +16,7 @@ from typing import Any
 
 from dialogsum.data import DialogueSet, read_dialogues
 from dialogsum.registry import resolve_model_uri
+from dialogsum.serving import predict_summaries
 from dialogsum.tracking import configure_tracking, tracked_run
 
 SUBMISSION_COLUMNS = ("fname", "summary")
@@ -34,16 +35,6 @@ class RowError:
     error: str
 
 
-def _predict_rows(model, dialogues: list[str], params: dict[str, Any]) -> list[str]:
-    import pandas as pd
-
-    output = model.predict(pd.DataFrame({"dialogue": dialogues}), params=params)
-    summaries = list(output.iloc[:, 0] if isinstance(output, pd.DataFrame) else output)
-    if len(summaries) != len(dialogues):
-        raise ValueError(f"the model returned {len(summaries)} summaries for {len(dialogues)} dialogues")
-    return [str(s).strip() for s in summaries]
-
-
 def summarize_rows(model, data: DialogueSet, batch_size: int, params: dict[str, Any]) -> tuple[list[str], list[RowError]]:
     """Summaries in input order and the rows that got none. Batches are built from length-sorted dialogues
     (less padding); a failing batch is retried row by row so one bad row cannot blank its neighbours."""
@@ -57,12 +48,12 @@ def summarize_rows(model, data: DialogueSet, batch_size: int, params: dict[str, 
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             try:
-                outputs = _predict_rows(model, [data.rows[i].dialogue for i in batch], params)
+                outputs = predict_summaries(model, [data.rows[i].dialogue for i in batch], params)
             except Exception:  # retried row by row below to isolate the failing rows
                 outputs = None
             for n, i in enumerate(batch):
                 try:
-                    summary = outputs[n] if outputs is not None else _predict_rows(model, [data.rows[i].dialogue], params)[0]
+                    summary = outputs[n] if outputs is not None else predict_summaries(model, [data.rows[i].dialogue], params)[0]
                 except Exception as e:  # recorded per row in the errors artifact
                     errors.append(RowError(i + 1, data.rows[i].fname, f"{type(e).__name__}: {e}"))
                     continue

@@ -1,7 +1,9 @@
 """The Model Registry: choose the champion among tracked runs, register its model, keep the previous one findable.
 
-Candidates are succeeded runs of kind `train` or `optimize` that logged a pyfunc `model`. The best one by a
-validation metric wins; ties go to the smaller model (fewer parameters, `model.total_params`), then to the run
+Candidates are succeeded runs of kind `train` that logged a pyfunc `model`, so every score compared is a
+validation score of a training run. An `optimize` run's model is registered by its run id (`register --run`):
+its ROUGE is measured on the optimize rows, which are not the rows the training runs were evaluated on. The
+best candidate by a validation metric wins; ties go to the smaller model (fewer parameters, `model.total_params`), then to the run
 that finished first, then to the smaller run id. The winner's model becomes a version of the registered model
 with alias `champion`; the version that held `champion` before keeps alias `previous`. Each version is tagged
 with its metrics, source run, data digests and git commit, so `models:/dialogsum-ko@champion` always says
@@ -21,7 +23,7 @@ from dialogsum.tracking import KIND_TAG, MODEL_TAG, STATUS_TAG, run_metric, trac
 DEFAULT_MODEL_NAME = "dialogsum-ko"
 CHAMPION_ALIAS = "champion"
 PREVIOUS_ALIAS = "previous"
-CANDIDATE_KINDS = ("train", "optimize")
+CANDIDATE_KINDS = ("train",)
 TAGGED_METRICS = ("eval_final", "eval_rouge1", "eval_rouge2", "eval_rougeL", "eval_loss")
 DATA_CONTEXTS = ("training", "evaluation")
 TIE_RULE = "higher metric, then fewer parameters, then earlier end time, then smaller run id"
@@ -91,7 +93,7 @@ def logged_models(experiment_ids: list[str] | None) -> dict[str, str]:
 
 
 def find_candidates(metric: str, *, experiment: str | None = None, parent_run_id: str | None = None) -> list[Candidate]:
-    """Succeeded train/optimize runs with a logged model, best first: the children of `parent_run_id`, or the
+    """Succeeded train runs with a logged model, best first: the children of `parent_run_id`, or the
     runs of `experiment` (default: the active experiment)."""
     import mlflow
 
@@ -216,7 +218,7 @@ def choose(
     else:
         scope = "the runs of the active experiment (choose one with --experiment or $MLFLOW_EXPERIMENT_NAME)"
     if not candidates:
-        raise RegistryError(f"no succeeded train/optimize run with a logged model among {scope}")
+        raise RegistryError(f"no succeeded train run with a logged model among {scope}")
     if candidates[0].score is None:
         raise RegistryError(f"no candidate among {scope} has metric '{metric}'")
     return candidates[0], len(candidates)

@@ -36,6 +36,18 @@ def dialogues_from_input(model_input: Any) -> list[str]:
     return [str(d) for d in model_input]
 
 
+def predict_summaries(model, dialogues: list[str], params: dict[str, Any] | None = None) -> list[str]:
+    """A loaded dialogsum pyfunc's summaries for `dialogues`, one per dialogue, stripped; raises ValueError when the
+    model returns another count."""
+    import pandas as pd
+
+    output = model.predict(pd.DataFrame({"dialogue": dialogues}), params=params)
+    summaries = list(output.iloc[:, 0] if isinstance(output, pd.DataFrame) else output)
+    if len(summaries) != len(dialogues):
+        raise ValueError(f"the model returned {len(summaries)} summaries for {len(dialogues)} dialogues")
+    return [str(s).strip() for s in summaries]
+
+
 class DialogueSummarizer(mlflow.pyfunc.PythonModel):
     """Loads the saved model folder once per process and summarises batches of dialogues."""
 

@@ -118,7 +118,8 @@ def _rouge_curve_png(history: list[EpochResult], path: Path) -> Path:
 
 def train_epoch(model, loader, optimizer, scheduler, accelerator, max_grad_norm: float, on_step) -> int:
     """One pass over `loader` with gradient accumulation, clipping and the accelerator's autocast/scaler;
-    calls `on_step(loss, synced)` after every micro-batch and returns the number of samples seen (all ranks)."""
+    calls `on_step(loss, synced)` after every micro-batch with the loss averaged over all processes, and returns
+    the number of samples seen (all ranks)."""
     params = [p for p in model.parameters() if p.requires_grad]
     seen = 0
     for batch in loader:
@@ -131,7 +132,7 @@ def train_epoch(model, loader, optimizer, scheduler, accelerator, max_grad_norm:
             scheduler.step()
             optimizer.zero_grad()
         seen += batch["input_ids"].shape[0] * accelerator.num_processes
-        on_step(loss.item(), accelerator.sync_gradients)
+        on_step(accelerator.reduce(loss.detach(), reduction="mean").item(), accelerator.sync_gradients)
     return seen
 
 
