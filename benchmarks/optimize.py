@@ -2,20 +2,23 @@
 ROUGE change on a trained small model.
 
 1. Speed and size: a BART of KoBART's shape (6+6 layers, d_model 768, 16 heads, FFN 3072, the real KoBART
-   tokenizer: 30,000 pieces + the dialogue tags), random init, saved like a trained model. fp32 and int8 are
-   each loaded once and swept over batch sizes on real Korean dialogues (their real length mix), through
+   tokenizer: 30,000 pieces + the dialogue tags), random init, saved like a trained model. fp32 and each variant
+   (`--variants`, default int8; bnb-nf4 and bnb-int8 run on bitsandbytes' CPU backend) are each loaded once and
+   swept over every batch size on real Korean dialogues (their real length mix), through
    `dialogsum.optimize.measure_variants`. Random weights never emit EOS early, so every summary has exactly
-   `--max-new-tokens` tokens and both variants do the same work. Printed: size on disk of each saved model and
-   their ratio; the int8/fp32 throughput ratio at the chosen batch size (`recommend`'s rule on speed alone:
-   random weights have no quality to keep) by wall time and by process CPU time per sample; the sweep
-   overhead (load + quantize + warm-up + sweep wall time over pure generation time). Other work on a shared
-   machine inflates wall time (and, through OpenMP spin-waits, CPU time): the load average is printed.
+   `--max-new-tokens` tokens and every variant does the same work. Printed: size on disk of each saved model and
+   its ratio to fp32; each variant's throughput ratio to fp32 per batch size and each at its best batch size; the
+   chosen variant's ratio at the chosen batch size (`recommend`'s rule on speed alone: random weights have no
+   quality to keep) by wall time and by process CPU time per sample; the sweep overhead (load + quantize +
+   warm-up + sweep wall time over pure generation time). Other work on a shared machine inflates wall time (and,
+   through OpenMP spin-waits, CPU time): the load average is printed.
 2. Quality: a kobart-tiny model trained briefly on real rows, optimised by `optimize_run` into a temporary
-   MLflow store; printed: Korean ROUGE final of fp32 and int8 on the same rows, the change, the agreement.
+   MLflow store; printed: Korean ROUGE final of fp32 and each variant on the same rows, the change, the
+   agreement.
 
 Targets: throughput ratio >= 3, ROUGE change <= 0.5 final, sweep overhead <= 1.2.
 
-    python benchmarks/optimize.py [--n-samples 16] [--batch-sizes 1,2,4,8] [--num-beams 1] [--max-new-tokens 32]
+    python benchmarks/optimize.py [--variants int8,bnb-nf4,bnb-int8] [--n-samples 16] [--batch-sizes 1,2,4,8] [--num-beams 1] [--max-new-tokens 32]
 """
 
 from __future__ import annotations
@@ -57,69 +60,76 @@ def kobart_sized_model(folder: Path) -> Path:
 def speed_and_size(args, workdir: Path) -> None:
     from dialogsum.data import read_dialogues
     from dialogsum.optimize import Budget, SweepSettings, measure_variants, recommend
+    from dialogsum.quantize import resolve_variants
 
     data = read_dialogues(LABELLED, require_summary=True).head(args.n_samples)
     generation = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens, "min_new_tokens": args.max_new_tokens,
                   "no_repeat_ngram_size": 0, "repetition_penalty": 1.0}  # fmt: skip
     model_dir = kobart_sized_model(workdir / "kobart-sized")
-    report = measure_variants(model_dir, ["fp32", "int8"], data, args.batch_sizes, device="cpu", workdir=workdir / "variants",
+    variants = resolve_variants(args.variants, "cpu")
+    report = measure_variants(model_dir, variants, data, args.batch_sizes, device="cpu", workdir=workdir / "variants",
                               generation=generation, settings=SweepSettings(min_gain=args.min_gain))  # fmt: skip
-    fp32, int8 = report.results["fp32"], report.results["int8"]
+    results = report.results
+    fp32 = results["fp32"]
     print(f"\n== KoBART-sized BART ({report.total_params / 1e6:.1f}M parameters), {len(data)} real dialogues, generation {generation}")
-    print(f"{'variant':<8}{'batch':>6}{'status':>8}{'p50 s':>9}{'p95 s':>9}{'samples/s':>11}{'cpu s/sample':>14}{'peak RSS GB':>13}")
-    for result in (fp32, int8):
+    print(f"{'variant':<9}{'batch':>6}{'status':>8}{'p50 s':>9}{'p95 s':>9}{'samples/s':>11}{'cpu s/sample':>14}{'peak RSS GB':>13}")
+    for result in results.values():
         for p in result.sweep.points:
             per_sample = p.cpu_s / p.samples if p.samples else float("nan")
-            print(f"{p.variant:<8}{p.batch_size:>6}{p.status:>8}{p.latency_s(50):>9.2f}{p.latency_s(95):>9.2f}{p.throughput_sps:>11.2f}"
+            print(f"{p.variant:<9}{p.batch_size:>6}{p.status:>8}{p.latency_s(50):>9.2f}{p.latency_s(95):>9.2f}{p.throughput_sps:>11.2f}"
                   f"{per_sample:>14.2f}{p.peak_memory_bytes / 1e9:>13.2f}")  # fmt: skip
         print(f"  {result.sweep.variant}: {result.sweep.stop_reason}")
-    sizes = {"fp32": fp32.size_bytes, "int8": int8.size_bytes}
-    quality = {name: r.quality for name, r in report.results.items() if r.quality}
-    choice = recommend(report.sweeps, quality, sizes, Budget(max_rouge_drop=float("inf")))
-    fast, slow = int8.sweep.point(choice.batch_size), fp32.sweep.point(choice.batch_size)
-    print(f"size on disk: fp32 {fp32.size_bytes / 1e6:.1f} MB, int8 {int8.size_bytes / 1e6:.1f} MB -> ratio {fp32.size_bytes / int8.size_bytes:.2f}x; "
-          f"weights in memory: fp32 {fp32.model_bytes / 1e6:.1f} MB, int8 {int8.model_bytes / 1e6:.1f} MB "
-          "(peak RSS above is the whole process, including what the fp32 phase left behind)")  # fmt: skip
+    print("size on disk / weights in memory (peak RSS above is the whole process, including what earlier variants left behind):")
+    for name, r in results.items():
+        print(f"  {name:<9}{r.size_bytes / 1e6:>8.1f} MB on disk (fp32 / this: {fp32.size_bytes / r.size_bytes:.2f}x), "
+              f"{r.model_bytes / 1e6:.1f} MB in memory")  # fmt: skip
+    quality = {name: r.quality for name, r in results.items() if r.quality}
+    choice = recommend(report.sweeps, quality, {n: r.size_bytes for n, r in results.items()}, Budget(max_rouge_drop=float("inf")))
     print(f"chosen: {choice.variant} at batch size {choice.batch_size} ({choice.reason})")
-    for p in int8.sweep.points:
-        base = fp32.sweep.point(p.batch_size)
-        if p.ok and base is not None:
-            print(f"  int8/fp32 at batch size {p.batch_size}: {p.throughput_sps / base.throughput_sps:.2f}x")
-    if fast is None or slow is None:
-        print(f"fp32 or int8 did not run batch size {choice.batch_size}; no throughput ratio")
+    best = {name: max((p for p in r.sweep.points if p.ok), key=lambda p: p.throughput_sps) for name, r in results.items()}
+    for name in variants[1:]:
+        ratios = [f"{p.batch_size}: {p.throughput_sps / base.throughput_sps:.2f}x" for p in results[name].sweep.points
+                  if p.ok and (base := fp32.sweep.point(p.batch_size)) is not None]  # fmt: skip
+        print(f"{name}/fp32 throughput by batch size: {', '.join(ratios)}; each at its best batch size: "
+              f"{best[name].throughput_sps:.2f} (batch {best[name].batch_size}) / {best['fp32'].throughput_sps:.2f} "
+              f"(batch {best['fp32'].batch_size}) = {best[name].throughput_sps / best['fp32'].throughput_sps:.2f}x")  # fmt: skip
+    fast, slow = results[choice.variant].sweep.point(choice.batch_size), fp32.sweep.point(choice.batch_size)
+    if slow is None or choice.variant == "fp32":
+        print(f"no quantized variant beat fp32 at batch size {choice.batch_size}; no throughput ratio")
     else:
         cpu_ratio = (slow.cpu_s / slow.samples) / (fast.cpu_s / fast.samples)
-        print(f"throughput int8/fp32 at batch size {choice.batch_size}: {fast.throughput_sps / slow.throughput_sps:.2f}x wall-clock, "
-              f"{cpu_ratio:.2f}x by CPU time per sample (target >= 3)")  # fmt: skip
-    best = {r.sweep.variant: max((p for p in r.sweep.points if p.ok), key=lambda p: p.throughput_sps) for r in (fp32, int8)}
-    print(f"each at its best batch size: int8 {best['int8'].throughput_sps:.2f} samples/s (batch {best['int8'].batch_size}) / fp32 "
-          f"{best['fp32'].throughput_sps:.2f} (batch {best['fp32'].batch_size}) = {best['int8'].throughput_sps / best['fp32'].throughput_sps:.2f}x")  # fmt: skip
-    generate = sum(r.sweep.generate_s for r in (fp32, int8))
-    print(f"sweep overhead: {report.sweep_overhead:.3f} (load+quantize+warm-up+sweep {sum(r.load_s + r.sweep_s for r in (fp32, int8)):.1f} s / "
-          f"timed generation {generate:.1f} s; load fp32 {fp32.load_s:.1f} s, int8 {int8.load_s:.1f} s (with quantization); "
-          f"warm-up batch fp32 {fp32.sweep.warmup_s:.1f} s, int8 {int8.sweep.warmup_s:.1f} s; target <= 1.2)")  # fmt: skip
+        print(f"throughput {choice.variant}/fp32 at the chosen batch size {choice.batch_size}: {fast.throughput_sps / slow.throughput_sps:.2f}x "
+              f"wall-clock, {cpu_ratio:.2f}x by CPU time per sample (target >= 3)")  # fmt: skip
+    generate = sum(r.sweep.generate_s for r in results.values())
+    loads = ", ".join(f"{n} {r.load_s:.1f} s" for n, r in results.items())
+    warmups = ", ".join(f"{n} {r.sweep.warmup_s:.1f} s" for n, r in results.items())
+    print(f"sweep overhead: {report.sweep_overhead:.3f} (load+quantize+warm-up+sweep {sum(r.load_s + r.sweep_s for r in results.values()):.1f} s / "
+          f"timed generation {generate:.1f} s; load (with quantization) {loads}; warm-up batch {warmups}; target <= 1.2)")  # fmt: skip
 
 
 def quality(args) -> None:
     import mlflow
 
     from dialogsum.optimize import SweepSettings, optimize_run
+    from dialogsum.quantize import VARIANTS, resolve_variants
     from dialogsum.train import train_model
 
     run_id = train_model("kobart-tiny", train_path=LABELLED, eval_path=LABELLED,
                          overrides={"training.epochs": args.train_epochs, "training.max_train_samples": 400,
                                     "training.max_eval_samples": 8, "tokenizer.path": str(KOBART_TOKENIZER)})  # fmt: skip
-    optimized = optimize_run(run_id, quantization="int8", batch_sizes=(8,), data_path=LABELLED, n_samples=args.quality_samples,
+    optimized = optimize_run(run_id, quantization=args.variants, batch_sizes=(8,), data_path=LABELLED, n_samples=args.quality_samples,
                              settings=SweepSettings(min_batches=1))  # fmt: skip
     m = mlflow.get_run(optimized).data.metrics
-    print(f"\n== trained kobart-tiny, {args.quality_samples} rows, its own generation settings")
-    print(f"Korean ROUGE final: fp32 {m['fp32_eval_final']:.2f}, int8 {m['int8_eval_final']:.2f} -> change {-m['int8_rouge_drop']:+.2f} "
-          f"(target: drop <= 0.5); agreement with fp32: ROUGE final {m['int8_agreement_final']:.1f}, "
-          f"identical {m['int8_exact_match']:.0%}")  # fmt: skip
+    print(f"\n== trained kobart-tiny, {args.quality_samples} rows, its own generation settings; Korean ROUGE final: fp32 {m['fp32_eval_final']:.2f}")
+    for name in resolve_variants(args.variants, "cpu")[1:]:
+        prefix = VARIANTS[name].metric_prefix
+        print(f"{name}: {m[f'{prefix}_eval_final']:.2f} -> change {-m[f'{prefix}_rouge_drop']:+.2f} (target: drop <= 0.5); "
+              f"agreement with fp32: ROUGE final {m[f'{prefix}_agreement_final']:.1f}, identical {m[f'{prefix}_exact_match']:.0%}")  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default="int8", help="variants besides fp32, e.g. int8,bnb-nf4,bnb-int8")
     parser.add_argument("--n-samples", type=int, default=16)
     parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
     parser.add_argument("--num-beams", type=int, default=1)

@@ -209,5 +209,23 @@ def test_unknown_or_misplaced_variants_are_rejected_with_the_choices():
     assert resolve_variants("int8", "cpu") == ["fp32", "int8"]
     with pytest.raises(VariantError, match="runs on cuda"):
         resolve_variants("bf16", "cpu")
+    assert resolve_variants("bnb-nf4,bnb-int8", "cpu") == ["fp32", "bnb-nf4", "bnb-int8"]
     with pytest.raises(VariantError, match="choose from"):
         resolve_variants("int4", "cpu")
+
+
+def test_bitsandbytes_variants_run_on_cpu_and_the_logged_nf4_model_summarises(trained_run, labelled):
+    """bitsandbytes' CPU backend: both variants are swept, saved smaller than fp32, and the logged NF4 model loads
+    back from MLflow with its 4-bit layers and writes Korean summaries."""
+    run_id = optimize_run(trained_run, quantization="bnb-nf4,bnb-int8", batch_sizes=(2,), data_path=labelled, n_samples=4,
+                          generation=FAST_GENERATION, settings=SweepSettings(min_batches=1), budget=Budget(max_rouge_drop=100.0),
+                          log_variant="bnb-nf4")  # fmt: skip
+    metrics = mlflow.get_run(run_id).data.metrics
+    for prefix in ("bnb_nf4", "bnb_int8"):
+        assert metrics[f"{prefix}_ok"] == 1.0 and metrics[f"{prefix}_throughput_sps"] > 0
+        assert metrics[f"{prefix}_size_bytes"] < metrics["fp32_size_bytes"], prefix
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    inner = model.unwrap_python_model().model
+    assert any(type(m).__name__ == "Linear4bit" for m in inner.modules())
+    summaries = list(model.predict(read_dialogues(labelled).dialogues[20:22], params={"num_beams": 2, "max_new_tokens": 12}))
+    assert len(summaries) == 2 and all(KOREAN_OR_SPEAKER.search(s) for s in summaries), summaries

@@ -318,7 +318,7 @@ def predict(
 def optimize(
     run: Annotated[str, typer.Option(help="Optimise the model logged by this run")] = "",
     model_uri: Annotated[str, typer.Option(help="...or this model: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model")] = "",
-    quantization: Annotated[str, typer.Option(help="Comma-separated variants besides fp32: int8 (CPU); fp16, bf16, bnb-int8, bnb-nf4 (CUDA); none")] = "int8",
+    quantization: Annotated[str, typer.Option(help="Comma-separated variants besides fp32: int8 (CPU); fp16, bf16 (CUDA); bnb-int8, bnb-nf4 (both); none")] = "int8",
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes to sweep, growing")] = "1,2,4,8,16,32,64",
     data: Annotated[Optional[Path], typer.Option(help="Labelled CSV whose rows are generated (default: bundled dev sample)")] = None,
     n_samples: Annotated[int, typer.Option(help="Use the first N rows (0: 64)")] = 0,
@@ -330,7 +330,7 @@ def optimize(
     log_variant: Annotated[str, typer.Option(help="Log this variant as the model instead of the recommended one")] = "",
     parent_run_id: Annotated[str, typer.Option(help="Log as a child of this run")] = "",
 ) -> None:
-    """Measure fp32 against INT8 (CPU) or fp16/bf16/bitsandbytes (CUDA) over a batch-size sweep; log the recommended model."""
+    """Measure fp32 against INT8 (CPU), fp16/bf16 (CUDA) or bitsandbytes variants over a batch-size sweep; log the recommended model."""
     from rich.table import Table
 
     from dialogsum.config import ConfigError, parse_set_options

@@ -5,10 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import transformers
+from packaging.version import Version
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from dialogsum.config import GenerationSettings, ModelConfig
 from dialogsum.features import prompt_ids
+
+# transformers 5.24 renamed generate's `past_key_values` to `cache`; the old name warns until it goes in 6.0.
+CACHE_KWARG = "cache" if Version(transformers.__version__) >= Version("5.24.0") else "past_key_values"
 
 
 def generation_kwargs(settings: GenerationSettings, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -53,7 +58,7 @@ def summarize(
                 span = slice(width - len(ids), width) if left else slice(0, len(ids))
                 input_ids[row, span] = ids
                 attention[row, span] = 1
-            cache = {"past_key_values": BeamSharedCrossAttentionCache()} if beam_cache else {}
+            cache = {CACHE_KWARG: BeamSharedCrossAttentionCache()} if beam_cache else {}
             generated = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention.to(device),

@@ -236,7 +236,7 @@ def load_for_inference(folder: str | Path, device: str | None = None):
     if quantization:
         from dialogsum.quantize import load_quantized
 
-        model = load_quantized(folder / "weights", quantization, auto)
+        model = load_quantized(folder / "weights", quantization, auto, device)
     elif info["adapter"]:
         from peft import PeftModel
 

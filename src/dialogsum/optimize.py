@@ -1,7 +1,7 @@
 """`optimize`: measure inference variants of a trained model side by side and log the recommended one.
 
 One process, the same rows for every variant: the fp32 original and each requested variant (`int8` on CPU;
-`fp16`, `bf16`, `bnb-int8`, `bnb-nf4` on CUDA; see `dialogsum.quantize`) is loaded once, warmed up, and swept
+`fp16`, `bf16` on CUDA; `bnb-int8`, `bnb-nf4` on both; see `dialogsum.quantize`) is loaded once, warmed up, and swept
 over growing batch sizes on real dialogues (the first N rows of a labelled CSV, so their real length mix).
 Per batch size: latency p50/p95 of a batch, throughput (samples/s) and peak memory. The sweep of a variant
 stops growing at an out-of-memory error, at a peak over the memory budget, or when throughput no longer

@@ -9,8 +9,8 @@ so it loads back, and how `load_for_inference` restores it.
   int8 state dict (`weights/int8_dynamic.pt`) and rebuilt at load time: architecture from `config.json`,
   the same quantization applied, then the int8 state loaded into it.
 - `fp16`, `bf16` (CUDA): the weights cast to half precision.
-- `bnb-int8`, `bnb-nf4` (CUDA): bitsandbytes LLM.int8 and 4-bit NF4 weights, saved in bitsandbytes'
-  serialized form.
+- `bnb-int8`, `bnb-nf4`: bitsandbytes LLM.int8 and 4-bit NF4 weights, saved in bitsandbytes' serialized form; on
+  CUDA, and on CPU through bitsandbytes' CPU backend (see `bitsandbytes_settings`).
 
 Module-level imports are standard library only, so GPU scripts without MLflow or pydantic can import it.
 """
@@ -18,6 +18,7 @@ Module-level imports are standard library only, so GPU scripts without MLflow or
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,8 +51,8 @@ VARIANTS: dict[str, Variant] = {
         Variant("int8", "cpu", "dynamic INT8 nn.Linear (torch.ao quantize_dynamic, fbgemm/x86 kernels)"),
         Variant("fp16", "cuda", "float16 weights and compute"),
         Variant("bf16", "cuda", "bfloat16 weights and compute"),
-        Variant("bnb-int8", "cuda", "bitsandbytes LLM.int8 weights"),
-        Variant("bnb-nf4", "cuda", "bitsandbytes 4-bit NF4 weights, bf16 compute"),
+        Variant("bnb-int8", None, "bitsandbytes LLM.int8 weights (fp16 elsewhere on CUDA, fp32 on CPU)"),
+        Variant("bnb-nf4", None, "bitsandbytes 4-bit NF4 weights (bf16/fp16 compute on CUDA, fp32 on CPU)"),
     )
 }
 
@@ -112,14 +113,36 @@ def _embedding_keys(model, state: dict) -> list[str]:
     return [k for k, v in state.items() if hasattr(v, "data_ptr") and v.data_ptr() == pointer]
 
 
-def bitsandbytes_config(name: str):
+def bitsandbytes_settings(name: str, device: str):
+    """(BitsAndBytesConfig, dtype of everything it leaves unquantized) for variant `name` on `device`.
+
+    CUDA: LLM.int8 kernels take fp16 inputs, so an 8-bit model runs in fp16; NF4 computes in bf16 where the GPU
+    has it (else fp16), and the rest of the model is in that dtype too, so no layer casts its input on every
+    call. CPU (bitsandbytes' CPU backend): fp32 around the quantized layers and as NF4's compute dtype."""
     import torch
     from transformers import BitsAndBytesConfig
 
+    on_cuda = device == "cuda"
     if name == "bnb-int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+        return BitsAndBytesConfig(load_in_8bit=True), torch.float16 if on_cuda else torch.float32
+    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if on_cuda else torch.float32
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype), dtype
+
+
+def _skip_int8_input_cast_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
+def load_bitsandbytes(auto, folder: Path, name: str, device: str, *, quantize: bool):
+    """A bitsandbytes variant from a `save_pretrained` folder on `device`: quantized while loading (`quantize`),
+    or already saved quantized (its config.json holds the quantization config)."""
+    config, dtype = bitsandbytes_settings(name, device)
+    if name == "bnb-int8" and device != "cuda":
+        # fp32 inputs are cast to fp16 inside every 8-bit layer on CPU; bitsandbytes logs that on every call.
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_skip_int8_input_cast_notice)
+    extra = {"quantization_config": config} if quantize else {}
+    device_map = {"": 0 if device == "cuda" else "cpu"}
+    return auto.from_pretrained(folder, dtype=dtype, device_map=device_map, **extra).eval()
 
 
 def prepare_variant(model, name: str, device: str, staging: Path):
@@ -136,7 +159,7 @@ def prepare_variant(model, name: str, device: str, staging: Path):
         return quantize_int8_dynamic(model)
     if name.startswith("bnb-"):
         model.save_pretrained(staging)
-        return type(model).from_pretrained(staging, quantization_config=bitsandbytes_config(name), device_map={"": 0}).eval()
+        return load_bitsandbytes(type(model), staging, name, device, quantize=True)
     raise VariantError(f"unknown variant '{name}'")
 
 
@@ -177,8 +200,9 @@ def save_variant(model, tokenizer, cfg, name: str, folder: Path) -> Path:
     return folder
 
 
-def load_quantized(weights: Path, name: str, auto) -> Any:
-    """Rebuild a saved variant (see `save_variant`) from its `weights` folder, placed on its device, in eval mode."""
+def load_quantized(weights: Path, name: str, auto, device: str) -> Any:
+    """Rebuild a saved variant (see `save_variant`) from its `weights` folder, in eval mode: `int8` on the CPU,
+    `fp16`/`bf16` on CUDA (in fp32 when `device` is the CPU), bitsandbytes variants on `device`."""
     import torch
 
     if name == "int8":
@@ -201,14 +225,12 @@ def load_quantized(weights: Path, name: str, auto) -> Any:
                 model.get_input_embeddings().weight.copy_(_int8_output_rows(model))
         return model
     if name in ("fp16", "bf16"):
-        if not torch.cuda.is_available():  # half precision generation on CPU is slow; serve it in fp32 there
+        if device != "cuda":  # half precision generation on CPU is slow; serve it in fp32 there
             return auto.from_pretrained(weights, dtype=torch.float32).eval()
         dtype = torch.float16 if name == "fp16" else torch.bfloat16
         return auto.from_pretrained(weights, dtype=dtype).to("cuda").eval()
     if name.startswith("bnb-"):
-        if not torch.cuda.is_available():
-            raise VariantError(f"{weights}: a {name} model needs a CUDA device to load")
-        return auto.from_pretrained(weights, device_map={"": 0}).eval()
+        return load_bitsandbytes(auto, weights, name, device, quantize=False)
     raise VariantError(f"{weights.parent}: unknown quantization '{name}' in its dialogsum_model.json")
 
 
