@@ -1,4 +1,5 @@
-"""GPU check: batch-size sweep of a KoBART-sized BART for fp32, fp16 and bf16 on CUDA, printed as one table.
+"""GPU check: batch-size sweep of a KoBART-sized BART for fp32, fp16 and bf16 (and, with `--variants`, bitsandbytes'
+bnb-int8 / bnb-nf4, which need the bitsandbytes package) on CUDA, printed as one table.
 
 The model has KoBART's shape (6+6 layers, d_model 768, 16 heads, FFN 3072, vocabulary 30,000), random init.
 Each variant is made once from the same fp32 weights (`dialogsum.quantize.prepare_variant`) and swept with
@@ -13,7 +14,7 @@ the bundled sample dialogues with a BPE tokenizer trained on them (token counts 
 `--cpu-int8` adds the CPU comparison fp32 vs int8 (dynamic INT8) on this machine's CPU with `--cpu-threads`.
 Needs torch with CUDA and transformers (no MLflow, pydantic or Korean analyser).
 
-    python benchmarks/gpu/optimize_sweep.py [--variants fp32,fp16,bf16] [--batch-sizes 1,2,4,...,256] [--cpu-int8]
+    python benchmarks/gpu/optimize_sweep.py [--variants fp32,fp16,bf16,bnb-int8,bnb-nf4] [--batch-sizes 1,2,4,...,256] [--cpu-int8]
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ MAX_SOURCE_TOKENS = 512
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sizes = lambda s: [int(x) for x in s.split(",") if x.strip()]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", default="fp32,fp16,bf16", help="comma-separated: fp32, fp16, bf16")
+    parser.add_argument("--variants", default="fp32,fp16,bf16", help="comma-separated, fp32 first: fp32, fp16, bf16, bnb-int8, bnb-nf4")
     parser.add_argument("--batch-sizes", type=sizes, default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
     parser.add_argument("--n-samples", type=int, default=64, help="real dialogues used (cycled to fill big batches)")
     parser.add_argument("--num-beams", type=int, default=4)
@@ -148,10 +149,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import torch
 
+    from dialogsum.quantize import VARIANTS
+
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in names if v not in ("fp32", "fp16", "bf16")]
-    if unknown or not names or names[0] != "fp32":
-        raise SystemExit(f"--variants must start with fp32 and use fp32, fp16, bf16 (got {args.variants})")
+    on_cuda = [name for name, v in VARIANTS.items() if v.device in (None, "cuda")]
+    if any(v not in on_cuda for v in names) or not names or names[0] != "fp32":
+        raise SystemExit(f"--variants must start with fp32 and use {', '.join(on_cuda)} (got {args.variants})")
     dialogues, tokenizer, source = dialogues_and_tokenizer(args.n_samples)
     encoded = [tokenizer(d)["input_ids"][:MAX_SOURCE_TOKENS] for d in dialogues]
     base = build_model(tokenizer)
