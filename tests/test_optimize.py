@@ -10,6 +10,7 @@ int8 variant: it stands in for a CUDA OOM, and everything else is the real model
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -46,6 +47,7 @@ from dialogsum.tracking import (
     load_predictions,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 KOREAN_OR_SPEAKER = re.compile(r"[\uac00-\ud7a3]|#Person\d#")
 FAST_GENERATION = {"num_beams": 1, "max_new_tokens": 8}
 BATCH_SIZES = (1, 2, 4, 8)
@@ -229,3 +231,20 @@ def test_bitsandbytes_variants_run_on_cpu_and_the_logged_nf4_model_summarises(tr
     assert any(type(m).__name__ == "Linear4bit" for m in inner.modules())
     summaries = list(model.predict(read_dialogues(labelled).dialogues[20:22], params={"num_beams": 2, "max_new_tokens": 12}))
     assert len(summaries) == 2 and all(KOREAN_OR_SPEAKER.search(s) for s in summaries), summaries
+
+
+def test_mlflow_run_entry_point_optimizes_into_the_run_it_creates(trained_run, labelled):
+    command = ["mlflow", "run", str(REPO), "-e", "optimize", "--env-manager", "local", "-P", f"run={trained_run}",
+               "-P", "quantization=int8", "-P", "batch_sizes=1,2", "-P", f"data={labelled}", "-P", "n_samples=4",
+               "-P", "params=num_beams=1 max_new_tokens=8"]  # fmt: skip
+    before = {r.info.run_id for r in mlflow.search_runs(search_all_experiments=True, output_format="list")}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=dict(os.environ), check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    created = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list") if r.info.run_id not in before]
+    assert len(created) == 1, "optimize logs into the run that `mlflow run` created"
+    run = created[0]
+    assert run.info.status == "FINISHED" and run.data.tags[KIND_TAG] == "optimize"
+    assert run.data.tags[RECOMMENDED_VARIANT_TAG] in ("fp32", "int8")
+    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "int8_throughput_sps")]
+    assert sorted(steps) == [1, 2]
+    assert run.data.params["optimize.generation.max_new_tokens"] == "8"
