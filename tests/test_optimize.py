@@ -107,6 +107,7 @@ def test_int8_model_is_smaller_on_disk_and_loads_back_in_a_fresh_process_with_ko
     local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri)
     logged_weights = sum(p.stat().st_size for p in Path(local).rglob("weights/*") if p.is_file())
     assert logged_weights < metrics["fp32_size_bytes"]
+    assert "bitsandbytes" not in (Path(local) / "requirements.txt").read_text()
 
     dialogues = read_dialogues(labelled).dialogues[10:12]
     script = textwrap.dedent(f"""
@@ -226,6 +227,8 @@ def test_bitsandbytes_variants_run_on_cpu_and_the_logged_nf4_model_summarises(tr
     for prefix in ("bnb_nf4", "bnb_int8"):
         assert metrics[f"{prefix}_ok"] == 1.0 and metrics[f"{prefix}_throughput_sps"] > 0
         assert metrics[f"{prefix}_size_bytes"] < metrics["fp32_size_bytes"], prefix
+    requirements = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model/requirements.txt")).read_text()
+    assert "bitsandbytes==" in requirements and "torch==" in requirements
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
     inner = model.unwrap_python_model().model
     assert any(type(m).__name__ == "Linear4bit" for m in inner.modules())

@@ -93,7 +93,7 @@ def log_summarizer(
     warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
     inferred = infer_signature(example, pd.Series(example_summaries, name="summary"), params=default_params(settings, batch_size))
     signature = ModelSignature(inputs=None, outputs=inferred.outputs, params=inferred.params)
-    kwargs.setdefault("pip_requirements", inference_requirements())
+    kwargs.setdefault("pip_requirements", inference_requirements(model_dir))
     kwargs.setdefault("code_paths", [str(Path(__file__).resolve().parent)])
     return mlflow.pyfunc.log_model(
         name=MODEL_ARTIFACT_PATH,
@@ -105,10 +105,17 @@ def log_summarizer(
     )
 
 
-def inference_requirements() -> list[str]:
-    """Pinned packages the pyfunc needs, stated rather than inferred: MLflow's inference loads the model in a
-    subprocess to capture imports, which costs a full model load per logged model."""
+def inference_requirements(model_dir: Path) -> list[str]:
+    """Pinned packages the pyfunc for `model_dir` needs (bitsandbytes for a bitsandbytes variant), stated rather
+    than inferred: MLflow's inference loads the model in a subprocess to capture imports, which costs a full model
+    load per logged model."""
+    import json
     from importlib.metadata import version
 
-    packages = ("torch", "transformers", "tokenizers", "peft", "accelerate", "pandas", "pydantic", "pyyaml")
+    from dialogsum.models import MODEL_CONFIG_FILE
+
+    packages = ["torch", "transformers", "tokenizers", "peft", "accelerate", "packaging", "pandas", "pydantic", "pyyaml"]
+    quantization = json.loads((Path(model_dir) / MODEL_CONFIG_FILE).read_text(encoding="utf-8")).get("quantization") or ""
+    if quantization.startswith("bnb-"):
+        packages.append("bitsandbytes")
     return [f"{name}=={version(name)}" for name in packages]
