@@ -306,3 +306,38 @@ def test_cli_names_the_unreachable_server(shared, silent_server):
     assert f"MLflow tracking server {silent_server} is unreachable" in " ".join(output.split())
     assert "Traceback" not in output
     assert elapsed < 90, elapsed
+
+
+def test_a_dataset_insert_lost_to_a_concurrent_run_is_logged_again(mlflow_store, monkeypatch):
+    """Two runs logging the same new dataset at once can make MLflow's SQL store raise a unique-key error on the
+    server (seen in the concurrent-pipelines test). The race cannot be timed here, so the first `log_input` call
+    raises the server's error, then the real call runs: the dataset is logged once, nothing lost."""
+    from mlflow.exceptions import MlflowException
+
+    from dialogsum.tracking import log_dataset_input
+
+    real_log_input = mlflow.log_input
+    calls: list[int] = []
+
+    def lose_the_race_once(dataset, context=None, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise MlflowException('BAD_REQUEST: (psycopg2.errors.UniqueViolation) duplicate key value violates unique '
+                                  'constraint "dataset_pk"')  # fmt: skip
+        return real_log_input(dataset, context=context, **kwargs)
+
+    def fail_otherwise(dataset, context=None, **kwargs):
+        calls.append(1)
+        raise MlflowException("RESOURCE_DOES_NOT_EXIST: Run 'x' not found")
+
+    dataset = mlflow.data.from_pandas(pd.DataFrame({"fname": ["a"], "dialogue": ["#Person1#: 안녕"]}), name="rows.csv")
+    with tracked_run(run_name="dataset", kind="train") as run:
+        monkeypatch.setattr(mlflow, "log_input", lose_the_race_once)
+        log_dataset_input(dataset, context="training")
+        assert len(calls) == 2
+        monkeypatch.setattr(mlflow, "log_input", fail_otherwise)
+        with pytest.raises(MlflowException, match="not found"):
+            log_dataset_input(dataset, context="evaluation")
+        assert len(calls) == 3, "any other error is raised at once, not retried"
+    inputs = mlflow.get_run(run.run_id).inputs.dataset_inputs
+    assert [d.dataset.name for d in inputs] == ["rows.csv"]

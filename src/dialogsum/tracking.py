@@ -245,6 +245,26 @@ def log_config(config: dict[str, Any], artifact_file: str = "config.yaml") -> No
     mlflow.log_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False), artifact_file)
 
 
+def _lost_dataset_insert_race(error: BaseException) -> bool:
+    """Two runs logged the same new dataset at once: MLflow's SQL store looks the dataset up, then inserts it,
+    so the slower run hits the unique key (PostgreSQL: UniqueViolation on `dataset_pk`; SQLite: UNIQUE
+    constraint failed). Logging again finds the dataset the other run inserted."""
+    from mlflow.exceptions import MlflowException
+
+    text = str(error)
+    return isinstance(error, MlflowException) and any(s in text for s in ("UniqueViolation", "UNIQUE constraint failed"))
+
+
+def log_dataset_input(dataset, context: str) -> None:
+    """`mlflow.log_input`, retried when a concurrent run inserted the same dataset first."""
+    import mlflow
+    from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random
+
+    log = retry(retry=retry_if_exception(_lost_dataset_insert_race), stop=stop_after_attempt(3),
+                wait=wait_random(0.05, 0.5), reraise=True)(mlflow.log_input)  # fmt: skip
+    log(dataset, context=context)
+
+
 def log_predictions(rows: list[dict[str, Any]], artifact_file: str = PREDICTIONS_ARTIFACT) -> None:
     """Log a predictions table (fname, dialogue, reference, prediction, per-row ROUGE, ...) for the UI."""
     import mlflow

@@ -52,12 +52,14 @@ def _log_datasets(train: DialogueSet, evaluation: DialogueSet) -> None:
     import mlflow
     import pandas as pd
 
+    from dialogsum.tracking import log_dataset_input
+
     for data, context in ((train, "training"), (evaluation, "evaluation")):
         frame = pd.DataFrame([r.__dict__ for r in data.rows])
         with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns about the tie
             warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
             dataset = mlflow.data.from_pandas(frame, source=str(Path(data.report.path).resolve()), name=Path(data.report.path).name)
-        mlflow.log_input(dataset, context=context)
+        log_dataset_input(dataset, context=context)
         mlflow.log_param(f"data.{context}.rows", len(data))
         mlflow.log_param(f"data.{context}.file_digest", data.report.digest)
         if data.report.cleaned_cells:
