@@ -331,6 +331,7 @@ def test_a_dataset_insert_lost_to_a_concurrent_run_is_logged_again(mlflow_store,
         raise MlflowException("RESOURCE_DOES_NOT_EXIST: Run 'x' not found")
 
     dataset = mlflow.data.from_pandas(pd.DataFrame({"fname": ["a"], "dialogue": ["#Person1#: 안녕"]}), name="rows.csv")
+    configure_tracking("dataset-race")
     with tracked_run(run_name="dataset", kind="train") as run:
         monkeypatch.setattr(mlflow, "log_input", lose_the_race_once)
         log_dataset_input(dataset, context="training")
