@@ -213,6 +213,7 @@ def test_unknown_or_misplaced_variants_are_rejected_with_the_choices():
     with pytest.raises(VariantError, match="runs on cuda"):
         resolve_variants("bf16", "cpu")
     assert resolve_variants("bnb-nf4,bnb-int8", "cpu") == ["fp32", "bnb-nf4", "bnb-int8"]
+    assert resolve_variants("auto", "cpu") == ["fp32", "int8"] and resolve_variants("auto", "cuda") == ["fp32", "fp16", "bf16"]
     with pytest.raises(VariantError, match="choose from"):
         resolve_variants("int4", "cpu")
 

@@ -118,3 +118,16 @@ def test_quickstart_pipeline_runs_offline_and_reports(mlflow_store, monkeypatch)
     report = Path(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="report.md")).read_text()
     assert "UPSTAGE_API_KEY" in report
     assert all(s in ("succeeded", "skipped") for s in status.values()), status
+
+
+def test_an_optimize_variant_this_device_cannot_run_fails_before_anything_trains(mlflow_store, shared, tmp_path):
+    config = yaml.safe_load(_write_config(tmp_path, shared).read_text(encoding="utf-8"))
+    config.update({"steps": ["train", "optimize"], "optimize": {"quantization": "bf16"}})  # bf16 runs on CUDA only
+    path = tmp_path / "gpu-optimize.yaml"
+    path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
+    result = subprocess.run([sys.executable, "-m", "dialogsum", "pipeline", "--config", str(path)], capture_output=True,
+                            text=True, timeout=120, check=False)  # fmt: skip
+    assert result.returncode != 0
+    message = " ".join((result.stdout + result.stderr).split())
+    assert "optimize.quantization" in message and "runs on cuda" in message and "gpu-optimize.yaml" in message, message
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == [], "nothing was started"

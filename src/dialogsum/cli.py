@@ -318,7 +318,7 @@ def predict(
 def optimize(
     run: Annotated[str, typer.Option(help="Optimise the model logged by this run")] = "",
     model_uri: Annotated[str, typer.Option(help="...or this model: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model")] = "",
-    quantization: Annotated[str, typer.Option(help="Comma-separated variants besides fp32: int8 (CPU); fp16, bf16 (CUDA); bnb-int8, bnb-nf4 (both); none")] = "int8",
+    quantization: Annotated[str, typer.Option(help="Comma-separated variants besides fp32: int8 (CPU); fp16, bf16 (CUDA); bnb-int8, bnb-nf4 (both); auto (int8 on CPU, fp16,bf16 on CUDA); none")] = "auto",
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes to sweep, growing")] = "1,2,4,8,16,32,64",
     data: Annotated[Optional[Path], typer.Option(help="Labelled CSV whose rows are generated (default: bundled dev sample)")] = None,
     n_samples: Annotated[int, typer.Option(help="Use the first N rows (0: 64)")] = 0,

@@ -310,7 +310,7 @@ class EnsembleStep(StrictModel):
 
 
 class OptimizeStep(StrictModel):
-    quantization: str = "int8"
+    quantization: str = "auto"  # see dialogsum.quantize.resolve_variants; checked against the device at pipeline start
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
     n_samples: int | None = None
 

@@ -561,7 +561,7 @@ def optimize_run(
     run_id: str | None = None,
     *,
     model_uri: str | None = None,
-    quantization: str | Sequence[str] = "int8",
+    quantization: str | Sequence[str] = "auto",
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
     data_path: str | Path | None = None,
     n_samples: int | None = None,

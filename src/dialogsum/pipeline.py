@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from dialogsum.config import PipelineConfig, PipelineModel, load_pipeline_config, parse_config
+from dialogsum.config import ConfigError, PipelineConfig, PipelineModel, load_pipeline_config, parse_config
 from dialogsum.preflight import Verdict, run_preflight
 from dialogsum.report import latest_children
 from dialogsum.tracking import (
@@ -161,7 +161,7 @@ class Pipeline:
 
     @staticmethod
     def _canonical(model: PipelineModel) -> str:
-        from dialogsum.config import ConfigError, model_registry
+        from dialogsum.config import model_registry
 
         try:
             return model_registry().resolve(model.name)
@@ -282,6 +282,7 @@ def run_pipeline(config_path: str | Path | None = None, resume_run_id: str | Non
         if config_path is None:
             raise ValueError("give a pipeline config or --resume PARENT_RUN_ID")
         cfg = load_pipeline_config(config_path)
+    _check_optimize_step(cfg, config_path or f"the config of run {resume_run_id}")
     configure_tracking(cfg.experiment)
     with tempfile.TemporaryDirectory(prefix="dialogsum-pipeline-") as tmp:
         with tracked_run(run_name=cfg.name, kind="pipeline", run_id=resume_run_id) as parent:
@@ -293,6 +294,19 @@ def run_pipeline(config_path: str | Path | None = None, resume_run_id: str | Non
             mlflow.set_tags(_summarize_parent(parent.run_id))
             write_report(parent.run_id)
     return parent.run_id
+
+
+def _check_optimize_step(cfg: PipelineConfig, source: str | Path) -> None:
+    """The optimize step's variants must run on this device: checked before anything trains, not hours later."""
+    if "optimize" not in cfg.steps:
+        return
+    from dialogsum.precision import detect_device
+    from dialogsum.quantize import VariantError, resolve_variants
+
+    try:
+        resolve_variants(cfg.optimize.quantization, detect_device().kind)
+    except VariantError as e:
+        raise ConfigError(f"{source}: optimize.quantization: {e}") from e
 
 
 def _config_of(parent_run_id: str) -> PipelineConfig:

@@ -27,6 +27,8 @@ from typing import Any
 INT8_STATE_FILE = "int8_dynamic.pt"
 BASELINE = "fp32"
 NO_QUANTIZATION = "none"
+AUTO = "auto"
+AUTO_VARIANTS = {"cpu": ("int8",), "cuda": ("fp16", "bf16")}  # what `auto` measures on each device
 
 
 class VariantError(ValueError):
@@ -59,15 +61,19 @@ VARIANTS: dict[str, Variant] = {
 
 def resolve_variants(quantization: str | list[str] | tuple[str, ...], device: str) -> list[str]:
     """The variants to measure: always the fp32 baseline first, then each requested one (`none`: baseline
-    only). Raises VariantError for an unknown name or one that cannot run on `device`."""
+    only; `auto`: this device's `AUTO_VARIANTS`). Raises VariantError for an unknown name or one that cannot
+    run on `device`."""
     requested = quantization.split(",") if isinstance(quantization, str) else list(quantization)
     names = [BASELINE]
     for raw in requested:
         name = raw.strip().lower()
         if name in ("", NO_QUANTIZATION, BASELINE):
             continue
+        if name == AUTO:
+            names += [n for n in AUTO_VARIANTS[device] if n not in names]
+            continue
         if name not in VARIANTS:
-            raise VariantError(f"unknown quantization '{raw}' (choose from: {NO_QUANTIZATION}, {', '.join(VARIANTS)})")
+            raise VariantError(f"unknown quantization '{raw}' (choose from: {AUTO}, {NO_QUANTIZATION}, {', '.join(VARIANTS)})")
         variant = VARIANTS[name]
         if variant.device is not None and variant.device != device:
             usable = [v.name for v in VARIANTS.values() if v.device in (None, device) and v.name != BASELINE]
