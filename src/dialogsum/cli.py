@@ -49,7 +49,10 @@ def preflight(
 
 
 def _fail(error: Exception) -> None:
-    console.print(f"[red]error:[/red] {error}")
+    """Print the error unwrapped (paths stay whole) and literally (brackets in it are not markup); exit 1."""
+    from rich.markup import escape
+
+    console.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)
     raise typer.Exit(1)
 
 

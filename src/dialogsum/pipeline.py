@@ -275,8 +275,8 @@ def run_pipeline(config_path: str | Path | None = None, resume_run_id: str | Non
 
     from dialogsum.report import write_report
 
-    configure_tracking()
     if resume_run_id:
+        configure_tracking()
         cfg = _config_of(resume_run_id)
     else:
         if config_path is None:
