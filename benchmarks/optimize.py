@@ -94,8 +94,10 @@ def speed_and_size(args, workdir: Path) -> None:
               f"{best[name].throughput_sps:.2f} (batch {best[name].batch_size}) / {best['fp32'].throughput_sps:.2f} "
               f"(batch {best['fp32'].batch_size}) = {best[name].throughput_sps / best['fp32'].throughput_sps:.2f}x")  # fmt: skip
     fast, slow = results[choice.variant].sweep.point(choice.batch_size), fp32.sweep.point(choice.batch_size)
-    if slow is None or choice.variant == "fp32":
-        print(f"no quantized variant beat fp32 at batch size {choice.batch_size}; no throughput ratio")
+    if choice.variant == "fp32":
+        print(f"no quantized variant beat fp32 (batch size {choice.batch_size}); no throughput ratio")
+    elif slow is None:
+        print(f"fp32 did not run batch size {choice.batch_size}; no throughput ratio there")
     else:
         cpu_ratio = (slow.cpu_s / slow.samples) / (fast.cpu_s / fast.samples)
         print(f"throughput {choice.variant}/fp32 at the chosen batch size {choice.batch_size}: {fast.throughput_sps / slow.throughput_sps:.2f}x "

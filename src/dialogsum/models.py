@@ -216,6 +216,12 @@ def save_for_inference(built: BuiltModel, cfg: ModelConfig, folder: Path, unwrap
     return folder
 
 
+def saved_quantization(folder: str | Path) -> str | None:
+    """The `quantization` a `save_for_inference` folder records (written by `dialogsum optimize`); None for a model
+    saved as trained."""
+    return json.loads((Path(folder) / MODEL_CONFIG_FILE).read_text(encoding="utf-8")).get("quantization")
+
+
 def load_for_inference(folder: str | Path, device: str | None = None):
     """Rebuild (model, tokenizer, ModelConfig) from `save_for_inference` output, ready to generate.
 

@@ -434,12 +434,10 @@ def measure_variants(
 
 def source_model_dir(model_uri: str) -> Path:
     """The local `model_dir` folder of a logged dialogsum pyfunc (downloaded; the model is not loaded)."""
-    import json
-
     import mlflow
     from mlflow.models import Model
 
-    from dialogsum.models import MODEL_CONFIG_FILE
+    from dialogsum.models import saved_quantization
     from dialogsum.serving import MODEL_ARTIFACT_KEY
 
     try:
@@ -450,7 +448,7 @@ def source_model_dir(model_uri: str) -> Path:
     if MODEL_ARTIFACT_KEY not in artifacts:
         raise OptimizeError(f"{model_uri}: not a dialogsum model (no '{MODEL_ARTIFACT_KEY}' artifact)")
     folder = local / artifacts[MODEL_ARTIFACT_KEY]["path"]
-    quantization = json.loads((folder / MODEL_CONFIG_FILE).read_text(encoding="utf-8")).get("quantization")
+    quantization = saved_quantization(folder)
     if quantization:
         raise OptimizeError(f"{model_uri}: already an optimised '{quantization}' model; optimise its source model instead")
     return folder

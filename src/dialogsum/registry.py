@@ -3,11 +3,11 @@
 Candidates are succeeded runs of kind `train` that logged a pyfunc `model`, so every score compared is a
 validation score of a training run. An `optimize` run's model is registered by its run id (`register --run`):
 its ROUGE is measured on the optimize rows, which are not the rows the training runs were evaluated on. The
-best candidate by a validation metric wins; ties go to the smaller model (fewer parameters, `model.total_params`), then to the run
-that finished first, then to the smaller run id. The winner's model becomes a version of the registered model
-with alias `champion`; the version that held `champion` before keeps alias `previous`. Each version is tagged
-with its metrics, source run, data digests and git commit, so `models:/dialogsum-ko@champion` always says
-where it came from.
+best candidate by a validation metric wins; ties go to the smaller model (fewer parameters,
+`model.total_params`), then to the run that finished first, then to the smaller run id. The winner's model
+becomes a version of the registered model with alias `champion`; the version that held `champion` before keeps
+alias `previous`. Each version is tagged with its metrics, source run, data digests and git commit, so
+`models:/dialogsum-ko@champion` always says where it came from.
 """
 
 from __future__ import annotations

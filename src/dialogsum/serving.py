@@ -109,13 +109,11 @@ def inference_requirements(model_dir: Path) -> list[str]:
     """Pinned packages the pyfunc for `model_dir` needs (bitsandbytes for a bitsandbytes variant), stated rather
     than inferred: MLflow's inference loads the model in a subprocess to capture imports, which costs a full model
     load per logged model."""
-    import json
     from importlib.metadata import version
 
-    from dialogsum.models import MODEL_CONFIG_FILE
+    from dialogsum.models import saved_quantization
 
     packages = ["torch", "transformers", "tokenizers", "peft", "accelerate", "packaging", "pandas", "pydantic", "pyyaml"]
-    quantization = json.loads((Path(model_dir) / MODEL_CONFIG_FILE).read_text(encoding="utf-8")).get("quantization") or ""
-    if quantization.startswith("bnb-"):
+    if (saved_quantization(model_dir) or "").startswith("bnb-"):
         packages.append("bitsandbytes")
     return [f"{name}=={version(name)}" for name in packages]

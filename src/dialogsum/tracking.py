@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import yaml
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random
 
 from dialogsum.config import flatten
 
@@ -255,14 +256,14 @@ def _lost_dataset_insert_race(error: BaseException) -> bool:
     return isinstance(error, MlflowException) and any(s in text for s in ("UniqueViolation", "UNIQUE constraint failed"))
 
 
+@retry(
+    retry=retry_if_exception(_lost_dataset_insert_race), stop=stop_after_attempt(3), wait=wait_random(0.05, 0.5), reraise=True
+)
 def log_dataset_input(dataset, context: str) -> None:
     """`mlflow.log_input`, retried when a concurrent run inserted the same dataset first."""
     import mlflow
-    from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random
 
-    log = retry(retry=retry_if_exception(_lost_dataset_insert_race), stop=stop_after_attempt(3),
-                wait=wait_random(0.05, 0.5), reraise=True)(mlflow.log_input)  # fmt: skip
-    log(dataset, context=context)
+    mlflow.log_input(dataset, context=context)
 
 
 def log_predictions(rows: list[dict[str, Any]], artifact_file: str = PREDICTIONS_ARTIFACT) -> None:
