@@ -16,6 +16,7 @@ the connection closes), drop (connection closed without an answer), malformed (2
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import threading
@@ -190,12 +191,14 @@ def _handler_for(server: ChatCompletionServer) -> type[BaseHTTPRequestHandler]:
                 body = None
             authorization = self.headers.get("Authorization")
             if self.path.rstrip("/") != "/v1/chat/completions":
+                self._entry = Logged(arrived, "not_found", 404, body, authorization)
                 self._send(404, {"error": {"message": f"no route {self.path}"}})
-                server.record(Logged(arrived, "not_found", 404, body, authorization))
                 return
             action = server.choose_action(body, authorization)
-            status = self._perform(action, body, authorization)
-            server.record(Logged(arrived, action, status, body, authorization))
+            # Recorded before the answer is written, so a client that has its answer finds it in the log.
+            self._entry = Logged(arrived, action, 0, body, authorization)
+            if self._perform(action, body, authorization) == 0:
+                server.record(self._entry)
 
         def _perform(self, action: str, body: dict[str, Any] | None, authorization: str | None) -> int:
             if action == "ok":
@@ -230,6 +233,7 @@ def _handler_for(server: ChatCompletionServer) -> type[BaseHTTPRequestHandler]:
             for name, value in (headers or {}).items():
                 self.send_header(name, value)
             self.end_headers()
+            server.record(dataclasses.replace(self._entry, status=status))
             self.wfile.write(data)
             return status
 
