@@ -32,9 +32,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from solar_server import ChatCompletionServer  # noqa: E402
 
 from dialogsum.data import read_dialogues  # noqa: E402
-from dialogsum.solar import build_requests, load_prompt, load_solar_config  # noqa: E402
-from dialogsum.solar_cache import CompletionCache  # noqa: E402
-from dialogsum.solar_client import SolarClient  # noqa: E402
+from dialogsum.solar.evaluation import build_requests, load_prompt, load_solar_config  # noqa: E402
+from dialogsum.solar.cache import CompletionCache  # noqa: E402
+from dialogsum.solar.client import SolarClient  # noqa: E402
 
 LABELLED = ROOT.parent / "shared" / "data" / "dialogsum-ko" / "labeled.csv"
 KEY = "benchmark-key"

@@ -10,7 +10,7 @@ import mlflow
 import pandas as pd
 import yaml
 
-from dialogsum.pipeline import run_pipeline
+from dialogsum.pipeline.orchestrator import run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from dialogsum.cli import app
 from dialogsum.config import ConfigError
 from dialogsum.metrics import aggregate, score_rows
-from dialogsum.solar import (
+from dialogsum.solar.evaluation import (
     FAILED_ROWS_ARTIFACT,
     SCOPE_TAG,
     MissingApiKey,
@@ -31,8 +31,8 @@ from dialogsum.solar import (
     load_prompt,
     load_solar_config,
 )
-from dialogsum.solar_cache import CacheError, CompletionCache, request_key
-from dialogsum.solar_client import (
+from dialogsum.solar.cache import CacheError, CompletionCache, request_key
+from dialogsum.solar.client import (
     Cancelled,
     ClientSettings,
     FatalApiError,

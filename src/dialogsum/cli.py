@@ -181,11 +181,11 @@ def evaluate_solar(
 
     from rich.logging import RichHandler
 
-    from dialogsum import solar
+    from dialogsum.solar import evaluation as solar
     from dialogsum.config import ConfigError
     from dialogsum.data import DataError
-    from dialogsum.solar_cache import CacheError
-    from dialogsum.solar_client import FatalApiError
+    from dialogsum.solar.cache import CacheError
+    from dialogsum.solar.client import FatalApiError
     from dialogsum.tracking import TrackingError, ui_hint
 
     log = logging.getLogger("dialogsum")
@@ -232,7 +232,7 @@ def pipeline(
 ) -> None:
     """Run the full pipeline: preflight, one child run per model and step, matrix and report on the parent."""
     from dialogsum.config import ConfigError
-    from dialogsum.pipeline import run_pipeline
+    from dialogsum.pipeline.orchestrator import run_pipeline
     from dialogsum.tracking import TrackingError, ui_hint
 
     if (config is None) == (resume is None):
@@ -250,7 +250,7 @@ def report(
     out: Annotated[Optional[Path], typer.Option(help="Also write report.md/html and figures to this folder")] = None,
 ) -> None:
     """Generate the experiment report of a pipeline run from the MLflow store and log it to the parent run."""
-    from dialogsum.report import write_report
+    from dialogsum.pipeline.report import write_report
     from dialogsum.tracking import configure_tracking
 
     configure_tracking()

@@ -3,7 +3,7 @@
 Settings come from `configs/solar.yaml` (model, endpoint, generation parameters, client limits, prices) with
 command-line overrides; prompts are versioned YAML templates in `configs/prompts/`. Few-shot examples are drawn
 from the training data, never from the rows being evaluated. Every paid answer goes to a persistent cache
-(`solar_cache`), so a re-run or a resumed run pays for nothing twice. The run logs the parameters (never the
+(`dialogsum.solar.cache`), so a re-run or a resumed run pays for nothing twice. The run logs the parameters (never the
 key), Korean ROUGE over the rows that got an answer, API metrics (latency, tokens, cost, cache hits, retries,
 failed rows), the predictions table and the prompt template. Rows that failed after all retries are listed in
 `failed_rows.json`, counted, and left out of ROUGE (never scored as empty strings).
@@ -22,8 +22,8 @@ from pydantic import Field, field_validator
 
 from dialogsum.config import ConfigError, StrictModel, configs_dir, load_yaml, parse_config
 from dialogsum.data import Dialogue, DialogueSet, read_dialogues, sample_data_path
-from dialogsum.solar_cache import CompletionCache, default_cache_dir, request_key
-from dialogsum.solar_client import ClientSettings, Completion, SolarClient
+from dialogsum.solar.cache import CompletionCache, default_cache_dir, request_key
+from dialogsum.solar.client import ClientSettings, Completion, SolarClient
 from dialogsum.tracking import MODEL_TAG, configure_tracking, log_config, log_predictions, tracked_run
 
 DEFAULT_BASE_URL = "https://api.upstage.ai/v1"

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from dialogsum.solar_client import Completion
+from dialogsum.solar.client import Completion
 
 CACHE_FILE = "completions.sqlite3"
 _SCHEMA = """

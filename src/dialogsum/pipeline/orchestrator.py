@@ -27,7 +27,7 @@ import yaml
 
 from dialogsum.config import ConfigError, PipelineConfig, PipelineModel, load_pipeline_config, parse_config
 from dialogsum.preflight import Verdict, run_preflight
-from dialogsum.report import latest_children
+from dialogsum.pipeline.report import latest_children
 from dialogsum.tracking import (
     KIND_TAG,
     MODEL_TAG,
@@ -186,7 +186,7 @@ class Pipeline:
             console.print(f"  {name}: {outcome.status}")
 
     def _step_evaluate_solar(self, children: list) -> None:
-        from dialogsum.solar import MissingApiKey, api_key_from_env
+        from dialogsum.solar.evaluation import MissingApiKey, api_key_from_env
 
         try:
             api_key_from_env()
@@ -273,7 +273,7 @@ def run_pipeline(config_path: str | Path | None = None, resume_run_id: str | Non
     their failures are data, recorded in the matrix and the report."""
     import mlflow
 
-    from dialogsum.report import write_report
+    from dialogsum.pipeline.report import write_report
 
     if resume_run_id:
         configure_tracking()

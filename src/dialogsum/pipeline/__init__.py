@@ -1,0 +1,2 @@
+"""Pipelines: the parent/child orchestration (`orchestrator`) and the report and matrix built from the store
+(`report`)."""
