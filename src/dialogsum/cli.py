@@ -227,7 +227,7 @@ def evaluate_solar(
 
 @app.command()
 def pipeline(
-    config: Annotated[Optional[Path], typer.Option(help="Pipeline YAML (configs/pipelines/*.yaml)")] = None,
+    config: Annotated[Optional[str], typer.Option(help="Pipeline YAML path, or the name of a packaged one (quickstart, seed-full)")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Parent run id: rerun only children that failed or never ran")] = None,
 ) -> None:
     """Run the full pipeline: preflight, one child run per model and step, matrix and report on the parent."""

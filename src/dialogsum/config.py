@@ -2,7 +2,8 @@
 
 Every config file is validated against a schema that forbids unknown keys; errors name the file and the key.
 Model names resolve by canonical name or declared alias, ignoring case and `-`/`_`/`.` differences. There is
-no guessing from file names: the registry is the set of `name:` fields of the files in `configs/models/`.
+no guessing from file names: the registry is the set of `name:` fields of the files in `models/` of the config
+source: $DIALOGSUM_CONFIGS, else ./configs, else the configs packaged with dialogsum (`dialogsum/configs/`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from dataclasses import dataclass
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -175,15 +178,31 @@ def parse_config(schema: type[BaseModel], data: dict[str, Any], path: Path) -> A
         raise ConfigError(_format_validation_error(path, e)) from e
 
 
-def configs_dir() -> Path:
-    """The configs folder: $DIALOGSUM_CONFIGS, else the checkout's `configs/` (editable install), else ./configs."""
-    env = os.environ.get("DIALOGSUM_CONFIGS")
+CONFIGS_ENV = "DIALOGSUM_CONFIGS"
+
+
+@dataclass(frozen=True)
+class ConfigSource:
+    """Where configs are read from: a folder with `models/`, `pipelines/`, `prompts/` and `solar.yaml`."""
+
+    folder: Path
+    label: str
+
+
+def config_source() -> ConfigSource:
+    """The first of: $DIALOGSUM_CONFIGS, ./configs (when it holds models/), the configs packaged with dialogsum."""
+    env = os.environ.get(CONFIGS_ENV)
     if env:
-        return Path(env)
-    repo_configs = Path(__file__).resolve().parents[2] / "configs"
-    if repo_configs.is_dir():
-        return repo_configs
-    return Path.cwd() / "configs"
+        return ConfigSource(Path(env), f"${CONFIGS_ENV} ({env})")
+    local = Path.cwd() / "configs"
+    if (local / "models").is_dir():
+        return ConfigSource(local, f"./configs ({local})")
+    packaged = Path(str(resources.files("dialogsum") / "configs"))
+    return ConfigSource(packaged, f"packaged with dialogsum ({packaged})")
+
+
+def configs_dir() -> Path:
+    return config_source().folder
 
 
 class ModelRegistry:
@@ -191,7 +210,7 @@ class ModelRegistry:
 
     def __init__(self, folder: Path):
         if not any(folder.glob("*.yaml")):
-            raise ConfigError(f"no model configs in {folder}: run from a dialogsum checkout or set DIALOGSUM_CONFIGS")
+            raise ConfigError(f"no model configs in {folder}: point ${CONFIGS_ENV} at a folder with models/*.yaml")
         self.folder = folder
         self.configs: dict[str, ModelConfig] = {}
         self.sources: dict[str, Path] = {}
@@ -352,6 +371,19 @@ class PipelineConfig(StrictModel):
         return self
 
 
-def load_pipeline_config(path: str | Path) -> PipelineConfig:
-    path = Path(path)
+def pipeline_config_path(path_or_name: str | Path) -> Path:
+    """A pipeline config by path, or by name (`quickstart` → pipelines/quickstart.yaml of the config source)."""
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    folder = configs_dir() / "pipelines"
+    named = folder / f"{path_or_name}.yaml"
+    if path.suffix not in (".yaml", ".yml") and named.is_file():
+        return named
+    known = ", ".join(sorted(p.stem for p in folder.glob("*.yaml"))) or "none"
+    raise ConfigError(f"{path_or_name}: no such file, nor a pipeline name in {folder} (known: {known})")
+
+
+def load_pipeline_config(path_or_name: str | Path) -> PipelineConfig:
+    path = pipeline_config_path(path_or_name)
     return parse_config(PipelineConfig, load_yaml(path), path)
