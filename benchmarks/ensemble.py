@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 
 from dialogsum.data import read_dialogues
-from dialogsum.ensemble import CandidateSet, PairwiseRouge, Source, build_frame, select
+from types import SimpleNamespace
+
+from dialogsum.ensemble import CandidateSet, PairwiseRouge, Source, Strategy, build_frame, source_weights
 from dialogsum.metrics import korean_tokenizer
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dialogsum-ko" / "unlabeled.csv"
@@ -40,7 +42,8 @@ CANDIDATES = {
 def candidate_set(data, k: int) -> tuple[CandidateSet, list[Source]]:
     names = list(CANDIDATES)[:k]
     texts = [[CANDIDATES[name](turns(d)) for name in names] for d in data.dialogues]
-    sources = [Source(f"run-{i}", name, "train", 1.0, label=name) for i, name in enumerate(names)]
+    sources = [Source(SimpleNamespace(info=SimpleNamespace(run_id=f"run-{i}")), name, "train", 1.0, label=name)
+               for i, name in enumerate(names)]  # fmt: skip
     return CandidateSet(data.fnames, data.dialogues, None, texts), sources
 
 
@@ -70,7 +73,9 @@ def main() -> None:
     for k in range(2, args.max_candidates + 1):
         candidates, sources = candidate_set(data, k)
         pairwise = PairwiseRouge()
-        _, wall, cpu = timed(lambda: select(build_frame(candidates, sources, pairwise), "mbr", sources))
+        weights = source_weights(sources)
+        strategy = Strategy("mbr", sources, weights, 2.0, 5)
+        _, wall, cpu = timed(lambda: strategy.choose(build_frame(candidates, sources, pairwise, weights)))
         most = len(data) * k * (k - 1) // 2
         per_pair = 1e6 * cpu / max(pairwise.pairs_scored, 1)
         print(f"{k:>10} {pairwise.pairs_scored:>13} {most:>10} {wall:>7.2f} {cpu:>6.2f} {1e3 * cpu / len(data):>12.2f} {per_pair:>8.0f}")

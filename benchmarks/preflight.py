@@ -1,7 +1,7 @@
 """How fast does a doomed pipeline tell you it is doomed?
 
-Runs `dialogsum pipeline --config configs/pipelines/seed-full.yaml` offline (no weights reachable) against an
-existing, empty SQLite store and prints the seconds from start until every one of the six seed models has its verdict
+Runs `dialogsum pipeline --config seed-full` offline (no weights reachable; the bundled sample stands in for the
+competition files it names: data/train.csv, data/dev.csv, data/test.csv) against an existing, empty SQLite store and prints the seconds from start until every one of the six seed models has its verdict
 as a FAILED child run in the store, next to the original pipeline's 21 minutes until its last failure.
 
     python benchmarks/preflight.py
@@ -10,13 +10,15 @@ as a FAILED child run in the store, next to the original pipeline's 21 minutes u
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from dialogsum.data import sample_data_path
+
 SEED_MODELS = {"kobart", "llama-3.2-korean-3b", "qwen3-4b", "solar-10.7b", "polyglot-ko-12.8b", "kullm-v2"}
 ORIGINAL_SECONDS = 21 * 60
 
@@ -50,9 +52,12 @@ def main() -> None:
 
         MlflowClient(env["MLFLOW_TRACKING_URI"]).search_experiments()  # a team's store exists before a pipeline runs
         store_s = time.perf_counter() - store_start
+        (Path(tmp) / "data").mkdir()
+        for name, split in (("train", "train"), ("dev", "dev"), ("test", "test")):
+            shutil.copy(sample_data_path(split), Path(tmp) / "data" / f"{name}.csv")
         start = time.perf_counter()
         process = subprocess.Popen(
-            [sys.executable, "-m", "dialogsum", "pipeline", "--config", str(REPO / "configs/pipelines/seed-full.yaml")],
+            [sys.executable, "-m", "dialogsum", "pipeline", "--config", "seed-full"],
             cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         verdicts: dict[str, str] = {}

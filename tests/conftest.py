@@ -1,14 +1,38 @@
-"""Fixtures shared by every test: the real shared data, one model cache per session, a temporary MLflow store."""
+"""Fixtures shared by every test: the bundled sample data, real third-party assets, one model cache per session,
+a temporary MLflow store.
+
+Most tests run on the project's own data: the sample set bundled with the package and tokenizers trained from it.
+The few tests whose point is a real third-party asset (the real KoBART / Qwen3 tokenizers, the competition rows)
+are marked `@pytest.mark.real_assets("name", ...)` and get the files from the `real_asset` fixture, which looks in
+`../shared`, then `$DIALOGSUM_TEST_ASSETS`, then (tokenizers only) the Hugging Face cache or hub. When an asset
+is missing these tests are deselected and the run ends with one line saying how many and how to provide them. In
+CI (`CI=true`) they are required: they stay selected and a missing asset fails them.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+ASSETS_ENV = "DIALOGSUM_TEST_ASSETS"
+# name → path under ../shared (or $DIALOGSUM_TEST_ASSETS); tokenizers also resolve from the hub id.
+REAL_ASSETS = {
+    "labeled": "data/dialogsum-ko/labeled.csv",
+    "unlabeled": "data/dialogsum-ko/unlabeled.csv",
+    "kobart-tokenizer": "tokenizers/kobart",
+    "qwen3-tokenizer": "tokenizers/qwen3",
+}
+TOKENIZER_HUB_IDS = {"kobart-tokenizer": "gogamza/kobart-base-v2", "qwen3-tokenizer": "Qwen/Qwen3-4B-Instruct-2507"}
+TOKENIZER_FILES = ["tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "config.json", "*.jinja"]
+_DESELECTED_KEY = "dialogsum_real_asset_deselections"
+_DESELECTED = pytest.StashKey[dict]()
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Parallel workers share the machine's cores: one math thread each (also for their subprocesses), set
@@ -17,16 +41,100 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ.setdefault(_var, "1")
 
 
-@pytest.fixture(scope="session")
-def shared() -> Callable[[str], Path]:
-    """`shared("data/dialogsum-ko/labeled.csv")` → the path under ../shared; a missing file fails the test
-    (never skips), in CI and locally, so a broken checkout cannot pass by testing nothing."""
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
-    def resolve(relative: str) -> Path:
-        path = SHARED / relative
-        if not path.exists():
-            where = "CI checkout" if os.environ.get("CI") else "checkout"
-            pytest.fail(f"shared test data missing in this {where}: {path} (see ../shared/README.md)", pytrace=False)
+
+def _from_hub(name: str) -> Path | None:
+    """A tokenizer from the Hugging Face cache, or downloaded (a few files) when the hub answers."""
+    repo = TOKENIZER_HUB_IDS.get(name)
+    if repo is None:
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=TOKENIZER_FILES, local_files_only=True))
+    except Exception:  # not cached: fall through to the hub
+        pass
+    from dialogsum.preflight import hub_reachable
+
+    if not hub_reachable()[0]:
+        return None
+    try:
+        return Path(snapshot_download(repo, allow_patterns=TOKENIZER_FILES))
+    except Exception:  # the hub answered but would not serve it: treated as missing
+        return None
+
+
+@lru_cache(maxsize=None)
+def find_asset(name: str) -> Path | None:
+    """Where real asset `name` is: ../shared, then $DIALOGSUM_TEST_ASSETS, then the hub (tokenizers); None if nowhere."""
+    relative = REAL_ASSETS[name]
+    folders = [SHARED] + ([Path(os.environ[ASSETS_ENV])] if os.environ.get(ASSETS_ENV) else [])
+    for folder in folders:
+        if (folder / relative).exists():
+            return folder / relative
+    return _from_hub(name)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "real_assets(*names): needs real third-party assets (" + ", ".join(REAL_ASSETS) + ")"
+    )
+    config.stash[_DESELECTED] = {}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect real-asset tests whose assets are missing (never in CI, where they must fail instead)."""
+    if in_ci():
+        return
+    keep, dropped = [], []
+    missing: dict[str, int] = {}
+    for item in items:
+        names = [n for marker in item.iter_markers("real_assets") for n in marker.args]
+        absent = [n for n in names if find_asset(n) is None]
+        if absent:
+            dropped.append(item)
+            for n in absent:
+                missing[n] = missing.get(n, 0) + 1
+        else:
+            keep.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+    record = {"tests": len(dropped), "assets": sorted(missing)}
+    config.stash[_DESELECTED] = record
+    if hasattr(config, "workeroutput"):  # an xdist worker: the controller prints the summary
+        config.workeroutput[_DESELECTED_KEY] = json.dumps(record)
+
+
+def pytest_testnodedown(node, error) -> None:  # noqa: ARG001 - xdist hook signature
+    """xdist controller: every worker collects the same items, so one worker's record is the run's."""
+    output = getattr(node, "workeroutput", {}).get(_DESELECTED_KEY)
+    if output:
+        node.config.stash[_DESELECTED] = json.loads(output)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:  # noqa: ARG001
+    record = config.stash.get(_DESELECTED, {})
+    if record.get("tests"):
+        where = ", ".join(f"{REAL_ASSETS[n]}" for n in record["assets"])
+        terminalreporter.write_line(
+            f"real assets: {record['tests']} test(s) deselected, missing {where}. Provide them in {SHARED} or "
+            f"${ASSETS_ENV} (same layout; tokenizers also come from the Hugging Face cache or hub); CI=true requires them."
+        )
+
+
+@pytest.fixture(scope="session")
+def real_asset() -> Callable[[str], Path]:
+    """`real_asset("labeled")` → the asset's path; a missing asset fails the test (it is deselected outside CI)."""
+
+    def resolve(name: str) -> Path:
+        path = find_asset(name)
+        if path is None:
+            where = "CI checkout" if in_ci() else "checkout"
+            pytest.fail(f"real test asset '{name}' missing in this {where}: {REAL_ASSETS[name]} under {SHARED} "
+                        f"or ${ASSETS_ENV}", pytrace=False)  # fmt: skip
         return path
 
     return resolve

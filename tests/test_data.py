@@ -9,7 +9,19 @@ from pathlib import Path
 import pytest
 
 from dialogsum.config import load_model_config
-from dialogsum.data import SPECIAL_TOKENS, DataError, read_dialogues, sample_data_path
+from dialogsum.data import (
+    SPECIAL_TOKENS,
+    DataError,
+    Dialogue,
+    check_disjoint,
+    dataset_rows_digest,
+    load_data_roles,
+    read_dialogues,
+    rows_digest,
+    sample_data_path,
+    split_validation,
+    write_dialogues,
+)
 from dialogsum.features import IGNORE_INDEX, encode_example, prompt_ids
 from dialogsum.models import load_tokenizer
 
@@ -38,8 +50,9 @@ def error_lines(error: DataError) -> list[str]:
     return [line.strip() for line in str(error).splitlines()[1:]]
 
 
-def test_real_labelled_file_reads_with_counted_cleaning(shared: Callable[[str], Path]) -> None:
-    data = read_dialogues(shared("data/dialogsum-ko/labeled.csv"))
+@pytest.mark.real_assets("labeled")
+def test_real_labelled_file_reads_with_counted_cleaning(real_asset: Callable[[str], Path]) -> None:
+    data = read_dialogues(real_asset("labeled"))
     assert len(data) == 400 and data.report.labelled and data.report.rows == 400
     assert data.rows[0].fname == "dev_0" and data.rows[0].topic == "의사 상담"
     assert all("#Person1#" in d for d in data.dialogues)
@@ -47,17 +60,61 @@ def test_real_labelled_file_reads_with_counted_cleaning(shared: Callable[[str], 
     assert "400 rows (labelled); cleaned cells: dialogue: trailing spaces: 95" in data.report.summary()
 
 
-def test_real_unlabelled_file_reads(shared: Callable[[str], Path]) -> None:
-    data = read_dialogues(shared("data/dialogsum-ko/unlabeled.csv"))
+@pytest.mark.real_assets("unlabeled")
+def test_real_unlabelled_file_reads(real_asset: Callable[[str], Path]) -> None:
+    data = read_dialogues(real_asset("unlabeled"))
     assert len(data) == 499 and not data.report.labelled
     with pytest.raises(DataError, match="column 'summary': required column missing"):
-        read_dialogues(shared("data/dialogsum-ko/unlabeled.csv"), require_summary=True)
+        read_dialogues(real_asset("unlabeled"), require_summary=True)
 
 
 def test_bundled_sample_set_has_at_least_60_korean_dialogues() -> None:
     splits = {split: read_dialogues(sample_data_path(split)) for split in ("train", "dev", "test")}
     assert sum(len(s) for s in splits.values()) >= 60
     assert splits["train"].report.labelled and splits["dev"].report.labelled and not splits["test"].report.labelled
+
+
+# --- data roles -----------------------------------------------------------------------------------------
+
+
+def test_validation_split_is_by_fname_hash_whatever_the_row_order() -> None:
+    data = read_dialogues(sample_data_path("train"))
+    train, validation = split_validation(data, 0.2)
+    reversed_data = data.subset(list(reversed(data.rows)), "reversed")
+    _, validation_again = split_validation(reversed_data, 0.2)
+    assert sorted(validation.fnames) == sorted(validation_again.fnames)
+    assert not set(train.fnames) & set(validation.fnames) and len(train) + len(validation) == len(data)
+    assert 0.1 < len(validation) / len(data) < 0.35
+    assert validation.report.selection == "0.2 by fname hash" and validation.report.digest == data.report.digest
+
+
+def test_rows_digest_is_order_free_and_changes_with_rows_or_references() -> None:
+    data = read_dialogues(sample_data_path("dev"))
+    digest = dataset_rows_digest(data)
+    assert dataset_rows_digest(data.subset(list(reversed(data.rows)), "reversed")) == digest
+    assert dataset_rows_digest(data.head(19)) != digest
+    assert rows_digest(data.fnames, [s + "." for s in data.summaries]) != digest
+
+
+def test_rows_shared_by_two_roles_are_named_by_fname_and_by_dialogue(tmp_path: Path) -> None:
+    data = read_dialogues(sample_data_path("dev"))
+    renamed = data.subset([Dialogue("copy_of_dev_3", data.rows[3].dialogue, "다른 요약")], "one renamed row")
+    with pytest.raises(DataError) as caught:
+        check_disjoint({"train": data.head(5), "test": data.subset(data.rows[2:7], "rows 2-6")})
+    assert "3 shared row(s): dev_2, dev_3, dev_4" in str(caught.value) and "column 'fname'" in str(caught.value)
+    with pytest.raises(DataError, match="dev_3=copy_of_dev_3") as caught:
+        check_disjoint({"validation": data, "test": renamed})
+    assert "column 'dialogue'" in str(caught.value)
+
+
+def test_default_roles_and_written_files_round_trip(tmp_path: Path) -> None:
+    roles = load_data_roles(None)
+    assert roles.test is not None and roles.test.report.path == str(sample_data_path("dev"))
+    path = write_dialogues(roles.validation, tmp_path / "validation.csv")
+    again = read_dialogues(path)
+    assert again.rows == roles.validation.rows and dataset_rows_digest(again) == dataset_rows_digest(roles.validation)
+    limited = load_data_roles(sample_data_path("train"), sample_data_path("dev"), limits=(10, 5, None))
+    assert (len(limited.train), len(limited.validation), limited.test) == (10, 5, None)
 
 
 def test_missing_column_is_named(tmp_path: Path) -> None:
@@ -129,18 +186,33 @@ def test_literal_newlines_and_br_are_cleaned_and_counted(tmp_path: Path) -> None
 
 
 @pytest.fixture(scope="module")
-def kobart(shared: Callable[[str], Path]):
-    cfg = load_model_config("kobart", {"tokenizer.path": str(shared("tokenizers/kobart"))})
+def kobart(real_asset: Callable[[str], Path]):
+    cfg = load_model_config("kobart", {"tokenizer.path": str(real_asset("kobart-tokenizer"))})
     return cfg, load_tokenizer(cfg)
 
 
 @pytest.fixture(scope="module")
-def qwen3(shared: Callable[[str], Path]):
-    cfg = load_model_config("qwen3-4b", {"tokenizer.path": str(shared("tokenizers/qwen3"))})
+def qwen3(real_asset: Callable[[str], Path]):
+    cfg = load_model_config("qwen3-4b", {"tokenizer.path": str(real_asset("qwen3-tokenizer"))})
     return cfg, load_tokenizer(cfg)
 
 
-@pytest.mark.parametrize("model", ["kobart", "qwen3"])
+@pytest.fixture(scope="module")
+def sample_trained():
+    """A tokenizer trained from the bundled sample's training rows, as a tiny model without tokenizer.path gets."""
+    cfg = load_model_config("kobart-tiny")
+    train = read_dialogues(sample_data_path("train"))
+    return cfg, load_tokenizer(cfg, train.dialogues + train.summaries, train.report.digest)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        "sample_trained",
+        pytest.param("kobart", marks=pytest.mark.real_assets("kobart-tokenizer")),
+        pytest.param("qwen3", marks=pytest.mark.real_assets("qwen3-tokenizer")),
+    ],
+)
 def test_every_dialogue_tag_is_one_token(model: str, request: pytest.FixtureRequest) -> None:
     _, tokenizer = request.getfixturevalue(model)
     ids = {tag: tokenizer(tag, add_special_tokens=False)["input_ids"] for tag in SPECIAL_TOKENS}
@@ -150,33 +222,36 @@ def test_every_dialogue_tag_is_one_token(model: str, request: pytest.FixtureRequ
     assert ids["#Person2#"][0] in in_text and ids["#PhoneNumber#"][0] in in_text
 
 
+@pytest.mark.real_assets("kobart-tokenizer")
 def test_kobart_targets_end_with_eos_and_tags_survive_decoding(kobart) -> None:
     cfg, tokenizer = kobart
     example = encode_example(cfg, tokenizer, DIALOGUE, SUMMARY)
-    assert example.labels[-1] == tokenizer.eos_token_id
-    assert tokenizer.eos_token_id not in example.labels[:-1]
-    assert example.input_ids[0] == tokenizer.bos_token_id and example.input_ids[-1] == tokenizer.eos_token_id
-    decoded = tokenizer.decode(example.labels, skip_special_tokens=True)
+    assert example["labels"][-1] == tokenizer.eos_token_id
+    assert tokenizer.eos_token_id not in example["labels"][:-1]
+    assert example["input_ids"][0] == tokenizer.bos_token_id and example["input_ids"][-1] == tokenizer.eos_token_id
+    decoded = tokenizer.decode(example["labels"], skip_special_tokens=True)
     assert "#Person1#" in decoded and "#Person2#" in decoded and tokenizer.eos_token not in decoded
-    assert "#PassportNumber#" in tokenizer.decode(example.input_ids, skip_special_tokens=True)
+    assert "#PassportNumber#" in tokenizer.decode(example["input_ids"], skip_special_tokens=True)
 
 
+@pytest.mark.real_assets("kobart-tokenizer")
 def test_kobart_long_summary_is_cut_before_the_eos(kobart) -> None:
     cfg, tokenizer = kobart
     example = encode_example(cfg, tokenizer, DIALOGUE, SUMMARY * 40)
-    assert len(example.labels) == cfg.training.max_target_length
-    assert example.labels[-1] == tokenizer.eos_token_id
+    assert len(example["labels"]) == cfg.training.max_target_length
+    assert example["labels"][-1] == tokenizer.eos_token_id
 
 
+@pytest.mark.real_assets("qwen3-tokenizer")
 def test_qwen3_chat_prompt_is_masked_and_the_target_ends_with_eos(qwen3) -> None:
     cfg, tokenizer = qwen3
     assert cfg.prompt.format == "chat" and tokenizer.eos_token == "<|im_end|>"
     prompt = prompt_ids(cfg, tokenizer, DIALOGUE)
     example = encode_example(cfg, tokenizer, DIALOGUE, SUMMARY)
     summary_ids = tokenizer(SUMMARY, add_special_tokens=False)["input_ids"]
-    assert example.input_ids == prompt + summary_ids + [tokenizer.eos_token_id]
-    assert example.labels == [IGNORE_INDEX] * len(prompt) + summary_ids + [tokenizer.eos_token_id]
+    assert example["input_ids"] == prompt + summary_ids + [tokenizer.eos_token_id]
+    assert example["labels"] == [IGNORE_INDEX] * len(prompt) + summary_ids + [tokenizer.eos_token_id]
     rendered = tokenizer.decode(prompt)
     assert "<|im_start|>system" in rendered and rendered.endswith("<|im_start|>assistant\n")
     assert DIALOGUE in rendered
-    assert "#Person1#" in tokenizer.decode(example.labels[len(prompt) :], skip_special_tokens=True)
+    assert "#Person1#" in tokenizer.decode(example["labels"][len(prompt) :], skip_special_tokens=True)

@@ -8,27 +8,27 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 from tracking_server import free_port
 
+from dialogsum.data import sample_data_path
+from dialogsum.train import EPOCH_METRICS
+
 PROCESSES = 2
 EPOCHS = 2
 TRAIN_ROWS = 32
 EVAL_ROWS = 4
 BATCHES = TRAIN_ROWS // 8  # kobart-tiny's batch size is 8
-EPOCH_METRICS = ("eval_loss", "eval_rouge1", "eval_rouge2", "eval_rougeL", "eval_final", "eval_gen_len")
 TIMEOUT_S = 900
 
 
-def _train_args(shared: Callable[[str], Path]) -> list[str]:
-    labeled = shared("data/dialogsum-ko/labeled.csv")
-    return ["-m", "dialogsum", "train", "--model", "kobart-tiny", "--train-data", str(labeled), "--eval-data", str(labeled),
-            "--epochs", str(EPOCHS), "--max-train-samples", str(TRAIN_ROWS), "--max-eval-samples", str(EVAL_ROWS),
-            "--set", f"tokenizer.path={shared('tokenizers/kobart')}", "--set", "generation.max_new_tokens=16",
+def _train_args() -> list[str]:
+    return ["-m", "dialogsum", "train", "--model", "kobart-tiny", "--train-data", str(sample_data_path("train")),
+            "--validation-data", str(sample_data_path("dev")), "--epochs", str(EPOCHS), "--max-train-samples", str(TRAIN_ROWS),
+            "--max-validation-samples", str(EVAL_ROWS), "--set", "generation.max_new_tokens=16",
             "--set", "training.log_every_n_steps=1", "--set", "training.warmup_steps=0"]  # fmt: skip
 
 
@@ -52,9 +52,9 @@ def _finish(process: subprocess.Popen, deadline: float) -> str:
 
 
 @pytest.fixture(scope="module")
-def trainings(shared, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[MlflowClient, str]]:
+def trainings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[MlflowClient, str]]:
     """The same tiny training launched on 2 processes and, at the same time, on one; each in its own SQLite store."""
-    args = _train_args(shared)
+    args = _train_args()
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(PROCESSES),
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--main_process_port", str(free_port())]  # fmt: skip
@@ -84,7 +84,7 @@ def test_two_process_training_logs_exactly_one_run(trainings):
     run = _only_run(client)
     assert run.info.status == "FINISHED" and run.data.tags["dialogsum.status"] == "succeeded"
     assert run.data.params["runtime.num_processes"] == str(PROCESSES)
-    assert output.count("per-epoch evaluation") == 1  # the summary is printed by the main process only
+    assert output.count("per-epoch validation") == 1  # the summary is printed by the main process only
 
 
 def test_two_process_training_logs_per_epoch_rouge_once_per_epoch(trainings):

@@ -1,5 +1,5 @@
-"""Generation on a small BART (KoBART architecture at toy size, random init, the real KoBART tokenizer) and real
-Korean dialogues: beam search with the cache that keeps cross-attention keys and values in place writes exactly
+"""Generation on a small BART (KoBART architecture at toy size, random init, a tokenizer trained from the bundled
+sample) and its Korean dialogues: beam search with the cache that keeps cross-attention keys and values in place writes exactly
 the summaries transformers' own cache writes, and every beam reorder it skips stays within one dialogue."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 import dialogsum.generate
 from dialogsum.config import load_model_config
-from dialogsum.data import read_dialogues
+from dialogsum.data import read_dialogues, sample_data_path
 from dialogsum.generate import BeamSharedCrossAttentionCache, summarize
 from dialogsum.models import build_model, load_tokenizer
 from dialogsum.precision import detect_device, resolve_precision
@@ -20,12 +20,13 @@ BATCH_SIZE = 3
 
 
 @pytest.fixture(scope="module")
-def model_and_dialogues(shared):
-    cfg = load_model_config("kobart-tiny", {"tokenizer.path": str(shared("tokenizers/kobart"))})
-    tokenizer = load_tokenizer(cfg)
+def model_and_dialogues():
+    cfg = load_model_config("kobart-tiny")
+    train = read_dialogues(sample_data_path("train"))
+    tokenizer = load_tokenizer(cfg, train.dialogues + train.summaries, train.report.digest)
     torch.manual_seed(0)
     model = build_model(cfg, tokenizer, resolve_precision("fp32", detect_device()), for_training=False).model
-    rows = read_dialogues(shared("data/dialogsum-ko/labeled.csv"), require_summary=True).head(6).rows
+    rows = read_dialogues(sample_data_path("dev"), require_summary=True).head(6).rows
     return model, tokenizer, cfg, [r.dialogue for r in rows]
 
 

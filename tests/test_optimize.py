@@ -1,6 +1,8 @@
-"""`optimize` on a small trained BART (KoBART architecture at toy size, the real KoBART tokenizer, trained briefly on
-real Korean DialogSum rows): the INT8 model is smaller on disk and loads back from MLflow in a fresh process; the
-sweep loads each variant once and records every batch size; an out-of-memory batch size stops the growth.
+"""`optimize` on a small trained BART (KoBART architecture at toy size, a tokenizer trained from the bundled sample,
+trained briefly on the sample's training rows): the INT8 model is smaller on disk and loads back from MLflow in a
+fresh process; the sweep loads each variant once and records every batch size; an out-of-memory batch size stops
+the growth. Optimize measures on the trained run's validation rows (held out of its training rows) and reports on
+its test rows (the sample's dev rows): neither was trained on.
 
 One optimize run (module fixture) serves most tests. An out-of-memory error cannot be provoked safely on this
 machine, so a spy on the real generation call raises `torch.cuda.OutOfMemoryError` for one batch size of the
@@ -25,7 +27,7 @@ import dialogsum.data
 import dialogsum.generate
 import dialogsum.models
 import dialogsum.optimize
-from dialogsum.data import read_dialogues
+from dialogsum.data import read_dialogues, split_validation, write_dialogues
 from dialogsum.optimize import (
     RECOMMENDED_BATCH_SIZE_TAG,
     RECOMMENDED_VARIANT_TAG,
@@ -41,6 +43,7 @@ from dialogsum.optimize import (
     sweep_batch_sizes,
 )
 from dialogsum.quantize import VariantError, resolve_variants
+from dialogsum.serving import run_model_uri
 from dialogsum.tracking import (
     KIND_TAG,
     STATUS_TAG,
@@ -59,21 +62,27 @@ def is_quantized(module) -> bool:
 
 
 @pytest.fixture(scope="module")
-def labelled(shared):
-    return shared("data/dialogsum-ko/labeled.csv")
+def labelled(module_store) -> Path:
+    """The trained run's validation rows (held out of the sample's training rows by fname hash), as a CSV."""
+    _, validation = split_validation(read_dialogues(dialogsum.data.sample_data_path("train")), 0.2)
+    return write_dialogues(validation, module_store / "validation.csv")
 
 
 @pytest.fixture(scope="module")
-def trained_run(module_store, shared, labelled) -> str:
+def test_csv() -> Path:
+    return dialogsum.data.sample_data_path("dev")
+
+
+@pytest.fixture(scope="module")
+def trained_run(module_store) -> str:
     from dialogsum.train import train_model
 
-    return train_model("kobart-tiny", train_path=labelled, eval_path=labelled,
-                       overrides={"training.epochs": 1, "training.max_train_samples": 32, "training.max_eval_samples": 4,
-                                  "generation.max_new_tokens": 8, "tokenizer.path": str(shared("tokenizers/kobart"))})  # fmt: skip
+    return train_model("kobart-tiny", overrides={"training.epochs": 1, "training.max_train_samples": 32,
+                                                 "training.max_test_samples": 4, "generation.max_new_tokens": 8})  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def optimized(trained_run, labelled):
+def optimized(trained_run, labelled, test_csv):
     """One int8 optimize run, counting model loads, with an out-of-memory error injected at batch size 4 of int8."""
     loads: list[str] = []
     real_load = dialogsum.models.load_for_inference
@@ -93,8 +102,8 @@ def optimized(trained_run, labelled):
         mp.setattr(dialogsum.models, "load_for_inference", counting_load)
         mp.setattr(dialogsum.generate, "summarize", summarize_or_oom)
         run_id = optimize_run(trained_run, quantization="int8", batch_sizes=BATCH_SIZES, data_path=labelled, n_samples=6,
-                              generation=FAST_GENERATION, settings=SweepSettings(min_gain=None, min_batches=2),
-                              budget=Budget(max_rouge_drop=100.0), log_variant="int8")  # fmt: skip
+                              test_path=test_csv, generation=FAST_GENERATION, settings=SweepSettings(min_gain=None, min_batches=2),
+                              log_variant="int8")  # fmt: skip
     return {"run_id": run_id, "loads": loads}
 
 
@@ -103,13 +112,13 @@ def test_int8_model_is_smaller_on_disk_and_loads_back_in_a_fresh_process_with_ko
     assert run.data.tags[KIND_TAG] == "optimize" and run.data.tags[STATUS_TAG] == "succeeded"
     metrics = run.data.metrics
     assert metrics["int8_size_bytes"] < metrics["fp32_size_bytes"]
-    model_uri = f"runs:/{optimized['run_id']}/model"
+    model_uri = f"runs:/{optimized['run_id']}/kobart-tiny-int8"
     local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri)
     logged_weights = sum(p.stat().st_size for p in Path(local).rglob("weights/*") if p.is_file())
     assert logged_weights < metrics["fp32_size_bytes"]
     assert "bitsandbytes" not in (Path(local) / "requirements.txt").read_text()
 
-    dialogues = read_dialogues(labelled).dialogues[10:12]
+    dialogues = read_dialogues(labelled).dialogues[8:10]
     script = textwrap.dedent(f"""
         import json, sys
         import mlflow, pandas as pd
@@ -152,24 +161,33 @@ def test_out_of_memory_batch_size_is_recorded_and_stops_growth(optimized):
     assert "oom" in summary["variants"]["int8"]["stop_reason"]
 
 
-def test_recommendation_and_quality_are_logged(optimized):
+def test_recommendation_follows_the_rule_and_quality_is_logged_for_validation_and_test(optimized):
     run = mlflow.get_run(optimized["run_id"])
     tags, metrics = run.data.tags, run.data.metrics
-    assert tags[RECOMMENDED_VARIANT_TAG] in ("fp32", "int8")
-    assert int(tags[RECOMMENDED_BATCH_SIZE_TAG]) in BATCH_SIZES
-    for name in ("fp32", "int8"):
-        assert 0.0 <= metrics[f"{name}_eval_final"] <= 100.0
-        assert f"{name}_agreement_final" in metrics and f"{name}_exact_match" in metrics
+    sweep = load_predictions(optimized["run_id"], SWEEP_TABLE)
+    kept = [v for v in ("fp32", "int8") if metrics[f"{v}_rouge_drop"] <= Budget().max_rouge_drop]
+    ok = sweep[(sweep.status == "ok") & sweep.variant.isin(kept)]
+    best = ok.sort_values(["throughput_sps", "batch_size"], ascending=[False, True]).iloc[0]
+    assert (tags[RECOMMENDED_VARIANT_TAG], int(tags[RECOMMENDED_BATCH_SIZE_TAG])) == (best.variant, best.batch_size)
+    for role, rows in (("val", 6), ("test", 20)):
+        for name in ("fp32", "int8"):
+            assert metrics[f"{name}_{role}_final_ci95_low"] <= metrics[f"{name}_{role}_final"] <= metrics[f"{name}_{role}_final_ci95_high"]
+        difference = metrics[f"int8_{role}_final"] - metrics[f"fp32_{role}_final"]
+        assert metrics[f"int8_{role}_diff_vs_fp32"] == pytest.approx(difference), "the paired difference is int8 − fp32 on the same rows"
+        assert metrics[f"int8_{role}_diff_vs_fp32_ci95_low"] <= difference <= metrics[f"int8_{role}_diff_vs_fp32_ci95_high"]
+    assert metrics["int8_rouge_drop"] == pytest.approx(-(metrics["int8_val_final"] - metrics["fp32_val_final"]))
     assert metrics["fp32_rouge_drop"] == 0.0 and metrics["fp32_exact_match"] == 1.0
     assert metrics["sweep_overhead"] >= 1.0
+    assert run.data.tags["dialogsum.val_rows_digest"] != run.data.tags["dialogsum.test_rows_digest"]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(optimized["run_id"], "optimize")}
     assert "optimize/throughput_latency.png" in artifacts
     predictions = load_predictions(optimized["run_id"])
     assert len(predictions) == 6 and {"fp32_prediction", "int8_prediction", "reference"} <= set(predictions.columns)
+    assert len(load_predictions(optimized["run_id"], "test_predictions.json")) == 20
 
 
 def test_failing_batch_size_is_recorded_and_the_sweep_goes_on_while_a_memory_budget_stops_it(trained_run, module_store):
-    model_dir = dialogsum.optimize.source_model_dir(f"runs:/{trained_run}/model")
+    model_dir = dialogsum.optimize.source_model_dir(run_model_uri(trained_run))
     model, tokenizer, cfg = load_variant(model_dir, "fp32", "cpu", module_store / "staging")
     dialogues = read_dialogues(dialogsum.data.sample_data_path("dev")).dialogues[:4]
 
@@ -195,7 +213,7 @@ def test_recommendation_rule_keeps_quality_and_the_latency_budget():
         return VariantSweep(variant, points, outputs=[], stop_reason="", warmup_s=0.0)
 
     sweeps = {"fp32": sweep("fp32", {1: 1.0, 8: 4.0}), "int8": sweep("int8", {1: 0.4, 8: 1.2})}
-    quality = {"fp32": Quality({}, 0.0, 100.0, 1.0), "int8": Quality({}, 0.3, 95.0, 0.8)}
+    quality = {"fp32": Quality({}, [], None, 0.0, None, 100.0, 1.0), "int8": Quality({}, [], None, 0.3, None, 95.0, 0.8)}
     sizes = {"fp32": 500, "int8": 130}
     choice = recommend(sweeps, quality, sizes, Budget(max_rouge_drop=0.5))
     assert (choice.variant, choice.batch_size) == ("int8", 8)
@@ -222,18 +240,17 @@ def test_bitsandbytes_variants_run_on_cpu_and_the_logged_nf4_model_summarises(tr
     """bitsandbytes' CPU backend: both variants are swept, saved smaller than fp32, and the logged NF4 model loads
     back from MLflow with its 4-bit layers and writes Korean summaries."""
     run_id = optimize_run(trained_run, quantization="bnb-nf4,bnb-int8", batch_sizes=(2,), data_path=labelled, n_samples=4,
-                          generation=FAST_GENERATION, settings=SweepSettings(min_batches=1), budget=Budget(max_rouge_drop=100.0),
-                          log_variant="bnb-nf4")  # fmt: skip
+                          generation=FAST_GENERATION, settings=SweepSettings(min_batches=1), log_variant="bnb-nf4")
     metrics = mlflow.get_run(run_id).data.metrics
     for prefix in ("bnb_nf4", "bnb_int8"):
         assert metrics[f"{prefix}_ok"] == 1.0 and metrics[f"{prefix}_throughput_sps"] > 0
         assert metrics[f"{prefix}_size_bytes"] < metrics["fp32_size_bytes"], prefix
-    requirements = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model/requirements.txt")).read_text()
+    requirements = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/kobart-tiny-bnb-nf4/requirements.txt")).read_text()
     assert "bitsandbytes==" in requirements and "torch==" in requirements
-    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/kobart-tiny-bnb-nf4")
     inner = model.unwrap_python_model().model
     assert any(type(m).__name__ == "Linear4bit" for m in inner.modules())
-    summaries = list(model.predict(read_dialogues(labelled).dialogues[20:22], params={"num_beams": 2, "max_new_tokens": 12}))
+    summaries = list(model.predict(read_dialogues(labelled).dialogues[4:6], params={"num_beams": 2, "max_new_tokens": 12}))
     assert len(summaries) == 2 and all(KOREAN_OR_SPEAKER.search(s) for s in summaries), summaries
 
 
@@ -248,7 +265,7 @@ def test_mlflow_run_entry_point_optimizes_into_the_run_it_creates(trained_run, l
     assert len(created) == 1, "optimize logs into the run that `mlflow run` created"
     run = created[0]
     assert run.info.status == "FINISHED" and run.data.tags[KIND_TAG] == "optimize"
-    assert run.data.tags[RECOMMENDED_VARIANT_TAG] in ("fp32", "int8")
+    assert run.data.tags["dialogsum.logged_variant"] == run.data.tags[RECOMMENDED_VARIANT_TAG]
     steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "int8_throughput_sps")]
     assert sorted(steps) == [1, 2]
     assert run.data.params["optimize.generation.max_new_tokens"] == "8"

@@ -3,6 +3,7 @@ weight is loaded; each kind of doomed configuration is blocked with a reason tha
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,8 @@ import pytest
 
 from dialogsum import preflight
 from dialogsum.precision import DeviceInfo, PrecisionError, PrecisionPolicy, check_quantization, resolve_precision
-from dialogsum.preflight import run_preflight
+from dialogsum.data import sample_data_path
+from dialogsum.preflight import hub_reachable, run_preflight
 
 SEED_MODELS = ["kobart", "llama-3.2-korean-3b", "qwen3-4b", "solar-10.7b", "polyglot-ko-12.8b", "kullm-v2"]
 GIB = 1024**3
@@ -149,15 +151,16 @@ def test_missing_tokenizer_folder_is_blocked(offline: None, tmp_path: Path) -> N
     assert verdict.reasons == [f"tokenizer unreachable: '{missing}' {why}"]
 
 
-def test_real_tokenizer_folder_passes(offline: None, shared: Callable[[str], Path]) -> None:
-    verdict = only_verdict("kobart-tiny", **{"tokenizer.path": str(shared("tokenizers/kobart"))})
+@pytest.mark.real_assets("kobart-tokenizer")
+def test_real_tokenizer_folder_passes(offline: None, real_asset: Callable[[str], Path]) -> None:
+    verdict = only_verdict("kobart-tiny", **{"tokenizer.path": str(real_asset("kobart-tokenizer"))})
     assert verdict.ok, verdict.reasons
 
 
-def test_invalid_data_file_blocks_every_model(offline: None, tmp_path: Path, shared: Callable[[str], Path]) -> None:
+def test_invalid_data_file_blocks_every_model(offline: None, tmp_path: Path) -> None:
     bad = tmp_path / "bad.csv"
     bad.write_text("fname,dialogue,summary\ntrain_0,안녕,\n", encoding="utf-8")
-    verdicts = run_preflight(["kobart-tiny", "llama-tiny"], data_paths=[shared("data/dialogsum-ko/labeled.csv"), bad])
+    verdicts = run_preflight(["kobart-tiny", "llama-tiny"], data_paths=[sample_data_path("train"), bad])
     for v in verdicts:
         assert v.reasons == [f"data: 1 data problem(s):\n  {bad}, row 1, column 'summary': empty cell"]
 
@@ -207,19 +210,34 @@ def run_cli(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, fl
     return done, time.perf_counter() - start
 
 
-def test_cli_preflight_of_the_six_seed_models_exits_1_with_a_table_in_seconds(tmp_path: Path) -> None:
+def test_cli_preflight_of_the_six_seed_models_through_a_pipe_keeps_every_name_and_reason_whole(tmp_path: Path, monkeypatch) -> None:
     done, elapsed = run_cli(tmp_path, "preflight", "--models", ",".join(SEED_MODELS))
     print(f"`python -m dialogsum preflight --models <six>`: {elapsed:.2f} s wall")
     assert done.returncode == 1, done.stderr
-    assert "dialogsum preflight" in done.stdout
-    for model in SEED_MODELS:
-        assert model in done.stdout
-    assert done.stdout.count("blocked") == 6 and "weights unreachable" in done.stdout
+    assert done.stdout.startswith("# dialogsum preflight\n"), "not a terminal: plain lines, one per model"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    hub_reachable.cache_clear()
+    lines = done.stdout.splitlines()
+    for verdict in run_preflight(SEED_MODELS):
+        [line] = [line for line in lines if line.startswith(f"{verdict.model}\t")]
+        assert line.split("\t")[1] == "blocked"
+        for reason in verdict.reasons:
+            assert reason in line, f"{reason!r} cut in {line!r}"
     assert elapsed < 10, f"preflight CLI took {elapsed:.2f} s"
+    hub_reachable.cache_clear()
 
 
-def test_cli_preflight_exits_0_when_every_model_passes(tmp_path: Path, shared: Callable[[str], Path]) -> None:
-    data = str(shared("data/dialogsum-ko/labeled.csv"))
-    done, _ = run_cli(tmp_path, "preflight", "--models", "kobart-tiny,llama-tiny", "--data", data)
+def test_cli_preflight_formats(tmp_path: Path) -> None:
+    done, _ = run_cli(tmp_path, "preflight", "--models", "kobart-tiny,kobart", "--format", "json")
+    rows = {row["model"]: row for row in json.loads(done.stdout)["rows"]}
+    assert rows["kobart-tiny"]["verdict"] == "ok" and rows["kobart"]["verdict"] == "blocked"
+    assert any(r.startswith("weights unreachable") for r in rows["kobart"]["reasons / notes"])
+    table, _ = run_cli(tmp_path, "preflight", "--models", "kobart-tiny", "--format", "table")
+    assert "┃ model" in table.stdout and "kobart-tiny" in table.stdout
+
+
+def test_cli_preflight_exits_0_when_every_model_passes(tmp_path: Path) -> None:
+    done, _ = run_cli(tmp_path, "preflight", "--models", "kobart-tiny,llama-tiny", "--data", str(sample_data_path("train")))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count(" ok ") == 2
+    assert [line.split("\t")[1] for line in done.stdout.splitlines()[2:]] == ["ok", "ok"]

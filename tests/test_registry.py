@@ -1,10 +1,11 @@
-"""Model Registry: `register` puts `champion` on the best run's model, moves it when a better run is registered
-and keeps the former champion as `previous`; every version says where it came from.
+"""Model Registry: validation chooses the candidate among runs scored on the same rows; the test rows guard
+`@champion` (a candidate that does not beat the champion on them becomes `@challenger`, with the reason);
+`--force` promotes and rolls back; every version says where it came from and why it holds its alias.
 
-The "tiny pipeline" is one parent run of kind `pipeline` with two child train runs: kobart-tiny models (KoBART
-architecture at toy size, random init, the real KoBART tokenizer) trained on real Korean DialogSum rows with
-different settings. For `register --parent` that is what a pipeline leaves behind. Which child is better is read
-from their logged metrics, so the tests do not depend on how two random tiny models happen to rank.
+Two kinds of runs: a real tiny pipeline (a parent with two kobart-tiny children trained on the bundled sample's
+training rows, validated on rows held out of them and tested on its dev rows), and "scored runs" logged here with
+hand-written per-row scores and a stand-in pyfunc (the registry reads scores and registers models; it never runs
+them), so a strong and a weak run can be made to order.
 """
 
 from __future__ import annotations
@@ -13,113 +14,167 @@ import uuid
 from types import SimpleNamespace
 
 import mlflow
+import numpy as np
 import pytest
 from tracking_server import team_server  # noqa: F401 - a fixture
 from typer.testing import CliRunner
 
 from dialogsum.cli import app
+from dialogsum.data import rows_digest
 from dialogsum.registry import (
+    CHALLENGER_ALIAS,
     CHAMPION_ALIAS,
     PREVIOUS_ALIAS,
+    REGISTERED_MODEL_DESCRIPTION,
     Candidate,
     RegistryError,
-    register_best,
+    register,
 )
-from dialogsum.tracking import KIND_TAG, STATUS_TAG, configure_tracking, run_metric, tracked_run
+from dialogsum.tracking import (
+    KIND_TAG,
+    STATUS_TAG,
+    TEST_PREDICTIONS_ARTIFACT,
+    TEST_ROWS_TAG,
+    VAL_ROWS_TAG,
+    configure_tracking,
+    log_predictions,
+    run_metric,
+    tracked_run,
+)
 
-NAME = "dialogsum-ko"
+
+class Constant(mlflow.pyfunc.PythonModel):
+    """A stand-in model (registering does not run it)."""
+
+    def predict(self, context, model_input, params=None):  # noqa: ARG002
+        return ["#Person1#은 회의에 갑니다."] * len(model_input)
 
 
-@pytest.fixture(scope="module")
-def pipeline(module_store, shared) -> SimpleNamespace:
-    """A parent `pipeline` run with two trained children; `better`/`worse` by the registry's own ranking rule."""
-    from dialogsum.train import train_model
+def _table(prefix: str, finals: list[float]) -> list[dict]:
+    return [{"fname": f"{prefix}_{i}", "dialogue": "#Person1#: 안녕.", "reference": f"요약 {i}", "prediction": "요약",
+             "final": f} for i, f in enumerate(finals)]  # fmt: skip
 
-    labelled = shared("data/dialogsum-ko/labeled.csv")
-    base = {"training.epochs": 1, "training.max_train_samples": 32, "training.max_eval_samples": 8,
-            "generation.max_new_tokens": 16, "tokenizer.path": str(shared("tokenizers/kobart"))}  # fmt: skip
+
+def scored_run(name: str, val: list[float], test: list[float] | None, *, parent: str | None = None, val_prefix: str = "v",
+               kind: str = "train") -> str:  # fmt: skip
+    """A succeeded run that logged per-row validation (and test) scores, their digests and a model."""
+    tags = {VAL_ROWS_TAG: rows_digest([f"{val_prefix}_{i}" for i in range(len(val))], [f"요약 {i}" for i in range(len(val))])}
+    if test is not None:
+        tags[TEST_ROWS_TAG] = rows_digest([f"t_{i}" for i in range(len(test))], [f"요약 {i}" for i in range(len(test))])
+    with tracked_run(run_name=name, kind=kind, tags={"dialogsum.model": name, **tags}, parent_run_id=parent) as run:
+        mlflow.log_metric("best_val_final", float(np.mean(val)))
+        log_predictions(_table(val_prefix, val))
+        if test is not None:
+            mlflow.log_metrics({"test_final": float(np.mean(test)), "test_final_ci95_low": float(np.mean(test)) - 1,
+                                "test_final_ci95_high": float(np.mean(test)) + 1})  # fmt: skip
+            log_predictions(_table("t", test), TEST_PREDICTIONS_ARTIFACT)
+        mlflow.pyfunc.log_model(name=name, python_model=Constant(), pip_requirements=[])
+    return run.run_id
+
+
+def aliases(name: str) -> dict[str, str]:
+    return {alias: str(version) for alias, version in mlflow.MlflowClient().get_registered_model(name).aliases.items()}
+
+
+def source_run(name: str, version: str) -> str:
+    return mlflow.MlflowClient().get_model_version(name, version).run_id
+
+
+@pytest.fixture
+def experiment(module_store, monkeypatch) -> str:
+    name = f"registry-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", name)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     configure_tracking()
-    with tracked_run(run_name="tiny-pipeline", kind="pipeline") as parent:
-        children = [
-            train_model("kobart-tiny", train_path=labelled, eval_path=labelled, parent_run_id=parent.run_id,
-                        overrides={**base, **settings})  # fmt: skip
-            for settings in ({"training.seed": 1}, {"training.seed": 7, "training.learning_rate": 3e-3})
-        ]
-    runs = [mlflow.get_run(run_id) for run_id in children]
-    better, worse = sorted(runs, key=lambda r: (-run_metric(r, "eval_final"), r.info.end_time))
-    return SimpleNamespace(parent=parent.run_id, better=better, worse=worse)
+    return name
 
 
-def aliases() -> dict[str, str]:
-    return {alias: str(version) for alias, version in mlflow.MlflowClient().get_registered_model(NAME).aliases.items()}
+STRONG_TEST = [40.0 + (i % 5) for i in range(40)]
+WEAK_TEST = [20.0 + (i % 7) for i in range(40)]
 
 
-def source_run(version: str) -> str:
-    return mlflow.MlflowClient().get_model_version(NAME, version).run_id
+def test_a_weak_run_becomes_challenger_and_force_moves_the_champion(experiment):
+    name = f"m-{uuid.uuid4().hex[:8]}"
+    strong = scored_run("strong", [30.0] * 10, STRONG_TEST)
+    first = register(run_id=strong, name=name)
+    assert first.alias == CHAMPION_ALIAS and "first champion" in first.reason
+
+    weak = scored_run("weak", [35.0] * 10, WEAK_TEST)  # better on validation, clearly worse on the test rows
+    second = register(run_id=weak, name=name)
+    assert second.alias == CHALLENGER_ALIAS and not second.promoted
+    assert aliases(name) == {CHAMPION_ALIAS: first.version, CHALLENGER_ALIAS: second.version}
+    assert f"champion version {first.version} (strong) beats version {second.version} (weak) by" in second.reason
+    version = mlflow.MlflowClient().get_model_version(name, second.version)
+    assert "@challenger: not promoted" in version.description and f"test_final {np.mean(WEAK_TEST):.2f}" in version.description
+    assert version.tags["dialogsum.registry_decision"].startswith("@challenger")
+
+    forced = register(run_id=weak, name=name, force=True)
+    assert forced.promoted and forced.version == second.version and "--force" in forced.reason
+    assert aliases(name) == {CHAMPION_ALIAS: second.version, PREVIOUS_ALIAS: first.version}
+
+    rolled_back = CliRunner().invoke(app, ["register", "--run", strong, "--name", name, "--force"])
+    assert rolled_back.exit_code == 0, rolled_back.output
+    assert aliases(name) == {CHAMPION_ALIAS: first.version, PREVIOUS_ALIAS: second.version}
+    assert mlflow.MlflowClient().get_registered_model(name).description == REGISTERED_MODEL_DESCRIPTION
 
 
-def test_register_then_a_better_run_moves_champion_and_keeps_previous(pipeline):
-    worse, better = pipeline.worse, pipeline.better
-    print(f"\neval_final: better {run_metric(better, 'eval_final'):.3f}, worse {run_metric(worse, 'eval_final'):.3f}")
-
-    result = CliRunner().invoke(app, ["register", "--run", worse.info.run_id, "--name", NAME])
-    assert result.exit_code == 0, result.output
-    first = aliases()[CHAMPION_ALIAS]
-    assert source_run(first) == worse.info.run_id and PREVIOUS_ALIAS not in aliases()
-
-    version, run_id = register_best(parent_run_id=pipeline.parent, name=NAME)
-    assert run_id == better.info.run_id and source_run(version) == run_id
-    assert aliases() == {CHAMPION_ALIAS: version, PREVIOUS_ALIAS: first}
-
-    again = register_best(parent_run_id=pipeline.parent, name=NAME)
-    assert again == (version, run_id), "registering the champion again creates no new version"
-    assert aliases() == {CHAMPION_ALIAS: version, PREVIOUS_ALIAS: first}
-    champion = mlflow.pyfunc.load_model(f"models:/{NAME}@{CHAMPION_ALIAS}")
-    assert champion.metadata.run_id == better.info.run_id
+def test_a_clearly_better_run_is_promoted_and_a_tie_is_not(experiment):
+    name = f"m-{uuid.uuid4().hex[:8]}"
+    register(run_id=scored_run("weak", [20.0] * 10, WEAK_TEST), name=name)
+    strong = register(run_id=scored_run("strong", [30.0] * 10, STRONG_TEST), name=name)
+    assert strong.promoted and "beats champion version 1 (weak) by" in strong.reason
+    noisy = [s + (1.0 if i % 2 else -1.0) for i, s in enumerate(STRONG_TEST)]  # the same on average: indistinguishable
+    tie = register(run_id=scored_run("same", [31.0] * 10, noisy), name=name)
+    assert tie.alias == CHALLENGER_ALIAS and "not distinguishable" in tie.reason
+    assert aliases(name)[CHAMPION_ALIAS] == strong.version
 
 
-def test_versions_are_tagged_with_metrics_source_data_and_commit(pipeline):
-    version, run_id = register_best(parent_run_id=pipeline.parent, name=NAME)
-    tags = mlflow.MlflowClient().get_model_version(NAME, version).tags
-    run = pipeline.better
-    assert tags["source_run_id"] == run_id and tags[KIND_TAG] == "train" and tags["dialogsum.model"] == "kobart-tiny"
-    assert float(tags["metric.eval_final"]) == pytest.approx(run_metric(run, "eval_final"), rel=1e-5)
-    assert {"metric.eval_rouge1", "metric.eval_rouge2", "metric.eval_rougeL", "metric.eval_loss"} <= set(tags)
-    assert tags["data.training.file_digest"] == run.data.params["data.training.file_digest"]
-    assert tags["git_commit"] == run.data.tags.get("mlflow.source.git.commit", "unknown")
-    assert tags["model.total_params"] == run.data.params["model.total_params"]
+def test_runs_scored_on_other_rows_are_never_ranked_together(experiment):
+    name = f"m-{uuid.uuid4().hex[:8]}"
+    with tracked_run(run_name="pipeline", kind="pipeline") as parent:
+        kept = scored_run("on-the-rows", [25.0] * 10, STRONG_TEST, parent=parent.run_id)
+        small = scored_run("eight-rows", [90.0] * 8, STRONG_TEST, parent=parent.run_id, val_prefix="other")
+        mlflow.set_tag(VAL_ROWS_TAG, mlflow.get_run(kept).data.tags[VAL_ROWS_TAG])  # a pipeline tags its validation rows
+    done = register(parent_run_id=parent.run_id, name=name)
+    assert done.run_id == kept and done.candidates == 1, "the 90-point run on other rows does not outrank it"
+    assert [n.run_id for n in done.not_comparable] == [small]
+    assert "scored on other rows" in done.not_comparable[0].reason
+    result = CliRunner().invoke(app, ["register", "--parent", parent.run_id, "--name", name])
+    assert result.exit_code == 0 and f"eight-rows ({small}): not comparable, scored on other rows" in result.output
+    scored_run("also-on-the-rows", [20.0] * 10, STRONG_TEST)
+    done = register(experiment=experiment, name=f"{name}-x")
+    assert done.run_id == kept and [n.run_id for n in done.not_comparable] == [small], "the rows most runs share decide"
 
 
-def test_register_is_recorded_as_a_child_run_of_the_pipeline(pipeline):
-    result = CliRunner().invoke(app, ["register", "--parent", pipeline.parent, "--name", NAME])
-    assert result.exit_code == 0, result.output
-    assert f"@{CHAMPION_ALIAS}" in result.output
-    runs = mlflow.search_runs(
-        experiment_ids=[pipeline.better.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{pipeline.parent}' and tags.`{KIND_TAG}` = 'register'",
-        output_format="list",
-    )
-    assert runs and all(r.data.tags[STATUS_TAG] == "succeeded" for r in runs)
-    latest = max(runs, key=lambda r: r.info.start_time)
-    assert latest.data.params["registry.source_run_id"] == pipeline.better.info.run_id
-    assert latest.data.params["registry.version"] == aliases()[CHAMPION_ALIAS]
+def test_a_champion_tested_on_other_rows_is_not_replaced_and_the_reason_says_so(experiment):
+    name = f"m-{uuid.uuid4().hex[:8]}"
+    register(run_id=scored_run("untested", [20.0] * 10, None), name=name)
+    done = register(run_id=scored_run("tested", [30.0] * 10, STRONG_TEST), name=name)
+    assert done.alias == CHALLENGER_ALIAS and "has no test score" in done.reason
 
 
-def test_a_run_without_a_model_is_refused(pipeline):
-    with pytest.raises(RegistryError, match="logged no READY 'model' model"):
-        register_best(run_id=pipeline.parent, name=NAME)
-    result = CliRunner().invoke(app, ["register", "--experiment", "no-such-experiment", "--name", NAME])
-    assert result.exit_code == 1 and "does not exist" in result.output
+def test_optimize_runs_are_registered_by_run_id_not_ranked_with_training_runs(experiment):
+    """An optimize run's ROUGE is measured on its own rows: a high score there does not outrank training runs."""
+    name = f"m-{uuid.uuid4().hex[:8]}"
+    with tracked_run(run_name="pipeline", kind="pipeline") as parent:
+        trained = scored_run("train", [20.0] * 10, WEAK_TEST, parent=parent.run_id)
+        optimized = scored_run("optimize", [99.0] * 10, STRONG_TEST, parent=parent.run_id, kind="optimize")
+    assert register(parent_run_id=parent.run_id, name=name).run_id == trained
+    done = register(run_id=optimized, name=name)
+    assert done.run_id == optimized and mlflow.MlflowClient().get_model_version(name, done.version).tags[KIND_TAG] == "optimize"
 
 
-def test_no_candidate_fails_and_records_the_failed_register_run(module_store):
-    configure_tracking("registry-empty")
+def test_no_candidate_fails_and_records_the_failed_register_run(experiment):
     with tracked_run(run_name="lonely", kind="train"):
-        mlflow.log_metric("eval_final", 10.0)  # succeeded, but no model logged
-    result = CliRunner().invoke(app, ["register", "--experiment", "registry-empty", "--name", NAME])
+        mlflow.log_metric("val_final", 10.0)  # succeeded, but no model logged
+    result = CliRunner().invoke(app, ["register", "--experiment", experiment, "--name", "nobody"])
     assert result.exit_code == 1 and "no succeeded train run with a logged model" in result.output
     failed = mlflow.search_runs(filter_string=f"tags.`{KIND_TAG}` = 'register'", output_format="list")
     assert [r.data.tags[STATUS_TAG] for r in failed] == ["failed"]
+    with pytest.raises(RegistryError, match="logged no READY model"):
+        register(run_id=failed[0].info.run_id, name="nobody")
+    result = CliRunner().invoke(app, ["register", "--experiment", "no-such-experiment", "--name", "nobody"])
+    assert result.exit_code == 1 and "does not exist" in result.output
 
 
 def fake_run(run_id: str, score: float | None, params: int | None, end_time: int) -> Candidate:
@@ -143,15 +198,47 @@ def test_ties_go_to_fewer_parameters_then_the_earlier_run():
     assert ranked == ["best", "early-small", "late-small", "big", "unknown-size", "unscored"]
 
 
-class Constant(mlflow.pyfunc.PythonModel):
-    """A stand-in model (registering does not run it)."""
+@pytest.fixture(scope="module")
+def pipeline(module_store) -> SimpleNamespace:
+    """A parent `pipeline` run with two trained kobart-tiny children; `better`/`worse` by validation."""
+    from dialogsum.train import train_model
 
-    def predict(self, context, model_input, params=None):  # noqa: ARG002
-        return ["#Person1#은 회의에 갑니다."] * len(model_input)
+    base = {"training.epochs": 1, "training.max_train_samples": 24, "training.max_validation_samples": 8,
+            "training.max_test_samples": 8, "generation.max_new_tokens": 8}  # fmt: skip
+    configure_tracking("registry-pipeline")
+    with tracked_run(run_name="tiny-pipeline", kind="pipeline") as parent:
+        children = [train_model("kobart-tiny", parent_run_id=parent.run_id, overrides={**base, **settings})
+                    for settings in ({"training.seed": 1}, {"training.seed": 7, "training.learning_rate": 3e-3})]  # fmt: skip
+    runs = [mlflow.get_run(run_id) for run_id in children]
+    better, worse = sorted(runs, key=lambda r: (-run_metric(r, "val_final"), r.info.end_time))
+    return SimpleNamespace(parent=parent.run_id, better=better, worse=worse)
+
+
+def test_trained_children_register_by_validation_with_tags_and_a_servable_champion(pipeline, module_store):
+    name = f"m-{uuid.uuid4().hex[:8]}"
+    result = CliRunner().invoke(app, ["register", "--parent", pipeline.parent, "--name", name])
+    assert result.exit_code == 0, result.output
+    assert f"@{CHAMPION_ALIAS}" in result.output
+    version = aliases(name)[CHAMPION_ALIAS]
+    assert source_run(name, version) == pipeline.better.info.run_id
+    tags = mlflow.MlflowClient().get_model_version(name, version).tags
+    run = pipeline.better
+    assert tags["source_run_id"] == run.info.run_id and tags[KIND_TAG] == "train" and tags["dialogsum.model"] == "kobart-tiny"
+    assert float(tags["metric.val_final"]) == pytest.approx(run_metric(run, "val_final"), rel=1e-5)
+    assert {"metric.test_final", "metric.test_final_ci95_low", "metric.val_final_ci95_high"} <= set(tags)
+    assert tags[VAL_ROWS_TAG] == run.data.tags[VAL_ROWS_TAG] and tags[TEST_ROWS_TAG] == run.data.tags[TEST_ROWS_TAG]
+    assert tags["data.training.file_digest"] == run.data.params["data.training.file_digest"]
+    assert tags["git_commit"] == run.data.tags.get("mlflow.source.git.commit", "unknown")
+    champion = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION_ALIAS}")
+    assert champion.metadata.run_id == run.info.run_id
+    register_runs = mlflow.search_runs(experiment_ids=[run.info.experiment_id], output_format="list",
+                                       filter_string=f"tags.mlflow.parentRunId = '{pipeline.parent}' and tags.`{KIND_TAG}` = 'register'")  # fmt: skip
+    assert register_runs[0].data.params["registry.source_run_id"] == run.info.run_id
+    assert register_runs[0].data.params["registry.alias"] == CHAMPION_ALIAS
 
 
 def test_register_on_the_team_tracking_server(team_server, monkeypatch):
-    """The same calls against `mlflow server` (PostgreSQL store, proxied artifacts, basic-auth)."""
+    """The same guard against `mlflow server` (PostgreSQL store, proxied artifacts, basic-auth)."""
     env = {**team_server.client_env(), "MLFLOW_EXPERIMENT_NAME": f"registry-{uuid.uuid4().hex[:8]}"}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -161,32 +248,12 @@ def test_register_on_the_team_tracking_server(team_server, monkeypatch):
     previous_uri = mlflow.get_tracking_uri()
     try:
         configure_tracking()
-        run_ids = []
-        for score in (1.0, 2.0):
-            with tracked_run(run_name=f"scored-{score}", kind="train") as run:
-                mlflow.log_metric("eval_final", score)
-                mlflow.pyfunc.log_model(name="model", python_model=Constant(), pip_requirements=[])
-            run_ids.append(run.run_id)
-        assert register_best(run_id=run_ids[0], name=name) == ("1", run_ids[0])
-        assert register_best(name=name) == ("2", run_ids[1])
+        strong, weak = scored_run("strong", [30.0] * 10, STRONG_TEST), scored_run("weak", [35.0] * 10, WEAK_TEST)
+        assert register(run_id=strong, name=name).alias == CHAMPION_ALIAS
+        assert register(name=name).alias == CHALLENGER_ALIAS, "the best by validation (weak) loses on the test rows"
         client = mlflow.MlflowClient()
-        assert client.get_registered_model(name).aliases == {CHAMPION_ALIAS: "2", PREVIOUS_ALIAS: "1"}
-        assert client.get_model_version(name, "2").tags["metric.eval_final"] == "2"
+        assert client.get_registered_model(name).aliases == {CHAMPION_ALIAS: "1", CHALLENGER_ALIAS: "2"}
+        assert source_run(name, "2") == weak
+        assert client.get_model_version(name, "2").tags["metric.val_final"] == "35"
     finally:
         mlflow.set_tracking_uri(previous_uri)
-
-
-def test_optimize_runs_are_registered_by_run_id_not_ranked_with_training_runs(module_store):
-    """An optimize run's ROUGE is measured on its own rows: a high score there does not outrank training runs."""
-    name = f"dialogsum-ko-{uuid.uuid4().hex[:8]}"
-    configure_tracking("registry-optimize")
-    with tracked_run(run_name="pipeline", kind="pipeline") as parent:
-        children = {}
-        for kind, score in (("train", 20.0), ("optimize", 99.0)):
-            with tracked_run(run_name=kind, kind=kind, parent_run_id=parent.run_id) as child:
-                mlflow.log_metric("eval_final", score)
-                mlflow.pyfunc.log_model(name="model", python_model=Constant(), pip_requirements=[])
-            children[kind] = child.run_id
-    assert register_best(parent_run_id=parent.run_id, name=name) == ("1", children["train"])
-    assert register_best(run_id=children["optimize"], name=name) == ("2", children["optimize"])
-    assert mlflow.MlflowClient().get_model_version(name, "2").tags[KIND_TAG] == "optimize"

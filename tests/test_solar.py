@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from dialogsum.cli import app
 from dialogsum.config import ConfigError
+from dialogsum.data import rows_digest
 from dialogsum.metrics import aggregate, score_rows
 from dialogsum.solar.evaluation import (
     FAILED_ROWS_ARTIFACT,
@@ -39,7 +40,7 @@ from dialogsum.solar.client import (
     RateLimiter,
     SolarClient,
 )
-from dialogsum.tracking import MODEL_TAG, load_predictions
+from dialogsum.tracking import MODEL_TAG, TEST_PREDICTIONS_ARTIFACT, TEST_ROWS_TAG, VAL_ROWS_TAG, load_predictions
 
 KEY = "up_TEST-SECRET-7f3a9c1e5b2d4068"
 TOPICS = ["커피 주문", "기차표 환불", "치과 예약", "도서 연체", "호텔 방 변경", "운동화 교환", "택배 분실", "생일 케이크"]
@@ -315,15 +316,17 @@ def test_evaluation_logs_everything_and_a_second_run_pays_nothing(server, env):
     config = write_config(env / "solar.yaml")
     kwargs = dict(train_path=train, cache_dir=env / "cache", config_path=config, base_url=server.base_url)
 
-    run_id = evaluate_solar(data, model="solar-pro", temperature=0.7, **kwargs)
+    test_rows = make_rows("test", 3)
+    test_data = write_csv(env / "test.csv", test_rows)
+    run_id = evaluate_solar(data, test_path=test_data, model="solar-pro", temperature=0.7, **kwargs)
 
     bodies = [e.body for e in server.entries()]
-    assert len(bodies) == 6
+    assert len(bodies) == 9
     for body in bodies:  # the configured and overridden parameters are what was sent
         assert (body["model"], body["temperature"], body["top_p"], body["max_tokens"]) == ("solar-pro", 0.7, 0.3, 64)
         examples = body["messages"][1:-1]
         assert sorted(m["content"] for m in examples if m["role"] == "assistant") == sorted(r[2] for r in eligible)
-        assert not any(row[1] in m["content"] for m in examples for row in evaluated)
+        assert not any(row[1] in m["content"] for m in examples for row in evaluated + test_rows)
     assert {e.authorization for e in server.entries()} == {f"Bearer {KEY}"}
 
     run = mlflow.get_run(run_id)
@@ -342,9 +345,15 @@ def test_evaluation_logs_everything_and_a_second_run_pays_nothing(server, env):
     assert all(p.startswith("#Person1#") for p in table["prediction"])
     expected = aggregate(score_rows(expected_predictions, [row[2] for row in evaluated]))
     metrics = run.data.metrics
-    assert {k: metrics[f"eval_{k}"] for k in expected} == pytest.approx(expected)
-    assert (metrics["rows"], metrics["scored_rows"], metrics["failed_rows"], metrics["cache_hits"]) == (6, 6, 0, 0)
-    assert metrics["api_requests"] == 6 and metrics["retries"] == 0
+    assert {k: metrics[f"val_{k}"] for k in expected} == pytest.approx(expected)
+    assert metrics["val_final_ci95_low"] <= metrics["val_final"] <= metrics["val_final_ci95_high"]
+    test_table = load_predictions(run_id, TEST_PREDICTIONS_ARTIFACT)
+    assert list(test_table["fname"]) == [r[0] for r in test_rows]
+    assert metrics["test_final"] == pytest.approx(test_table["final"].mean())
+    assert run.data.tags[VAL_ROWS_TAG] == rows_digest([r[0] for r in evaluated], [r[2] for r in evaluated])
+    assert run.data.tags[TEST_ROWS_TAG] == rows_digest([r[0] for r in test_rows], [r[2] for r in test_rows])
+    assert (metrics["rows"], metrics["answered_rows"], metrics["failed_rows"], metrics["cache_hits"]) == (9, 9, 0, 0)
+    assert metrics["api_requests"] == 9 and metrics["retries"] == 0
     assert metrics["tokens_in"] > 0 and metrics["tokens_out"] > 0
     cost = (metrics["tokens_in"] * 0.15 + metrics["tokens_out"] * 0.6) / 1e6
     assert metrics["estimated_cost_usd"] == pytest.approx(cost)
@@ -354,13 +363,13 @@ def test_evaluation_logs_everything_and_a_second_run_pays_nothing(server, env):
 
     second = evaluate_solar(data, model="solar-pro", temperature=0.7, **kwargs)
 
-    assert len(server.entries()) == 6  # zero requests the second time
+    assert len(server.entries()) == 9  # zero requests the second time
     again = mlflow.get_run(second).data.metrics
     assert (again["cache_hits"], again["api_requests"], again["tokens_in"]) == (6, 0, 0)
-    assert again["eval_final"] == pytest.approx(metrics["eval_final"])
+    assert again["val_final"] == pytest.approx(metrics["val_final"])
 
 
-def test_failed_rows_are_listed_and_excluded_from_rouge_then_retried_on_rerun(server, env, monkeypatch):
+def test_failed_rows_score_zero_beside_the_answered_score_then_are_retried_on_rerun(server, env, monkeypatch):
     rows = make_rows("dev", 6)
     data = write_csv(env / "dev.csv", rows)
     config = write_config(env / "solar.yaml")
@@ -373,9 +382,9 @@ def test_failed_rows_are_listed_and_excluded_from_rouge_then_retried_on_rerun(se
 
     run = mlflow.get_run(run_id)
     metrics = run.data.metrics
-    assert (metrics["rows"], metrics["scored_rows"], metrics["failed_rows"]) == (6, 4, 2)
+    assert (metrics["rows"], metrics["answered_rows"], metrics["failed_rows"]) == (6, 4, 2)
     assert metrics["retries"] == 2
-    assert run.data.tags[SCOPE_TAG].startswith("4 of 6 rows; 2 failed rows excluded from ROUGE")
+    assert run.data.tags[SCOPE_TAG].startswith("val: 4 of 6 rows answered; the 2 failed rows score 0 in *_final")
     table = load_predictions(run_id).set_index("fname")
     assert table.loc["dev_1", "error"].startswith("gave up after 3 attempts: HTTP 503")
     assert table.loc["dev_4", "error"].startswith("malformed response")
@@ -383,13 +392,15 @@ def test_failed_rows_are_listed_and_excluded_from_rouge_then_retried_on_rerun(se
         assert table.loc[fname, ["prediction", "rouge1", "rouge2", "rougeL", "final"]].isna().all()
     ok = table[table["error"].isna()]
     expected = aggregate(score_rows(list(ok["prediction"]), list(ok["reference"])))
-    assert metrics["eval_final"] == pytest.approx(expected["final"])
+    assert metrics["val_final_answered"] == pytest.approx(expected["final"])
+    assert metrics["val_final"] == pytest.approx(expected["final"] * 4 / 6), "a failed row scores 0 over all requested rows"
+    assert metrics["val_answered_fraction"] == pytest.approx(4 / 6) and metrics["answered_fraction"] == pytest.approx(4 / 6)
     failed = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{FAILED_ROWS_ARTIFACT}")
     assert [f["fname"] for f in failed] == ["dev_1", "dev_4"]
 
     rerun = mlflow.get_run(evaluate_solar(data, **kwargs)).data.metrics
 
-    assert (rerun["cache_hits"], rerun["failed_rows"], rerun["scored_rows"]) == (4, 1, 5)
+    assert (rerun["cache_hits"], rerun["failed_rows"], rerun["answered_rows"]) == (4, 1, 5)
     assert sum(server.answered().values()) == 5
 
 

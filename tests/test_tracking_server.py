@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,31 +23,29 @@ from mlflow import MlflowClient
 from tracking_server import TrackingServer, free_port, query, team_server  # noqa: F401 - team_server is a fixture
 
 from dialogsum.tracking import STATUS_TAG, TrackingError, configure_tracking, load_predictions, tracked_run
+from dialogsum.train import EPOCH_METRICS
 
 EPOCHS = 2
 TRAIN_ROWS = 16
-EVAL_ROWS = 4
+VALIDATION_ROWS = 4
 STEPS = (TRAIN_ROWS // 8) * EPOCHS  # kobart-tiny's batch size is 8, train_loss is logged every step
-EPOCH_METRICS = ("eval_loss", "eval_rouge1", "eval_rouge2", "eval_rougeL", "eval_final", "eval_gen_len")
 PIPELINES_TIMEOUT_S = 900
 
 
-def _tiny_overrides(shared: Callable[[str], Path]) -> dict[str, object]:
-    return {"training.epochs": EPOCHS, "training.max_train_samples": TRAIN_ROWS, "training.max_eval_samples": EVAL_ROWS,
-            "tokenizer.path": str(shared("tokenizers/kobart")), "generation.max_new_tokens": 16,
-            "training.log_every_n_steps": 1}  # fmt: skip
+def _tiny_overrides() -> dict[str, object]:
+    return {"training.epochs": EPOCHS, "training.max_train_samples": TRAIN_ROWS, "training.max_validation_samples": VALIDATION_ROWS,
+            "training.max_test_samples": 4, "generation.max_new_tokens": 16, "training.log_every_n_steps": 1}  # fmt: skip
 
 
-def _train_command(shared: Callable[[str], Path]) -> list[str]:
-    labeled = str(shared("data/dialogsum-ko/labeled.csv"))
-    sets = [arg for key, value in _tiny_overrides(shared).items() for arg in ("--set", f"{key}={value}")]
-    return [sys.executable, "-m", "dialogsum", "train", "--model", "kobart-tiny", "--train-data", labeled, "--eval-data", labeled, *sets]
+def _train_command() -> list[str]:
+    sets = [arg for key, value in _tiny_overrides().items() for arg in ("--set", f"{key}={value}")]
+    return [sys.executable, "-m", "dialogsum", "train", "--model", "kobart-tiny", *sets]
 
 
-def _write_pipeline_config(folder: Path, shared: Callable[[str], Path], experiment: str) -> Path:
-    labeled = str(shared("data/dialogsum-ko/labeled.csv"))
-    config = {"name": "tiny", "experiment": experiment, "data": {"train": labeled, "eval": labeled},
-              "models": [{"name": "kobart-tiny", "overrides": _tiny_overrides(shared)}],
+def _write_pipeline_config(folder: Path, experiment: str) -> Path:
+    """The bundled sample's roles: its train rows (20% held out for validation), its dev rows as the test."""
+    config = {"name": "tiny", "experiment": experiment,
+              "models": [{"name": "kobart-tiny", "overrides": _tiny_overrides()}],
               "steps": ["train"], "timeouts": {"train": PIPELINES_TIMEOUT_S}}  # fmt: skip
     path = folder / "tiny-pipeline.yaml"
     path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
@@ -98,14 +96,12 @@ def _wait_all(processes: list[subprocess.Popen]) -> None:
 
 
 @pytest.fixture(scope="module")
-def concurrent_pipelines(
-    shared: Callable[[str], Path], team_server: TrackingServer, tmp_path_factory: pytest.TempPathFactory  # noqa: F811
-) -> dict[str, Store]:
+def concurrent_pipelines(team_server: TrackingServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Store]:  # noqa: F811
     """Two `dialogsum pipeline` processes against the server and two against one SQLite file, all four at once;
     each pair creates the same new experiment (the server is shared with other test modules)."""
     sqlite_folder = tmp_path_factory.mktemp("sqlite-store")
     experiment = f"concurrent-{secrets.token_hex(4)}"
-    config = _write_pipeline_config(tmp_path_factory.mktemp("pipeline-config"), shared, experiment)
+    config = _write_pipeline_config(tmp_path_factory.mktemp("pipeline-config"), experiment)
     stores = {
         "server": Store(team_server.uri, team_server.client_env(), experiment),
         "sqlite": Store(f"sqlite:///{sqlite_folder / 'mlflow.db'}", {"MLFLOW_TRACKING_URI": f"sqlite:///{sqlite_folder / 'mlflow.db'}"}, experiment),
@@ -174,10 +170,10 @@ def test_concurrent_pipelines_lose_no_run_metric_or_artifact(concurrent_pipeline
             assert _steps(client, run_id, key) == list(range(1, EPOCHS + 1)), key
             assert f"best_{key}" in children[0].data.metrics
         assert _steps(client, run_id, "train_loss") == list(range(1, STEPS + 1))
-        assert {"config.yaml", "predictions.json", "rouge_curve.png"} <= set(_artifact_paths(client, run_id))
+        assert {"config.yaml", "predictions.json", "test_predictions.json", "rouge_curve.png"} <= set(_artifact_paths(client, run_id))
         predictions = load_predictions(run_id)
-        assert len(predictions) == EVAL_ROWS and {"fname", "reference", "prediction"} <= set(predictions.columns)
-        assert "python_function" in mlflow.models.get_model_info(f"runs:/{run_id}/model").flavors
+        assert len(predictions) == VALIDATION_ROWS and {"fname", "reference", "prediction"} <= set(predictions.columns)
+        assert "python_function" in mlflow.models.get_model_info(f"runs:/{run_id}/kobart-tiny").flavors
 
 
 def test_server_stores_runs_in_postgresql_and_serves_artifacts(concurrent_pipelines, server_client: TrackingServer):
@@ -188,17 +184,19 @@ def test_server_stores_runs_in_postgresql_and_serves_artifacts(concurrent_pipeli
     assert {(run_id, "FINISHED") for run_id in run_ids} <= set(rows)
     assert len(list((server_client.artifacts / store.experiment_id()).rglob("predictions.json"))) == 2
     child = next(children[0] for _, children in store.pipelines())
-    model = mlflow.pyfunc.load_model(f"runs:/{child.info.run_id}/model")
+    model = mlflow.pyfunc.load_model(f"runs:/{child.info.run_id}/kobart-tiny")
     summaries = model.predict(pd.DataFrame({"dialogue": ["#Person1#: 안녕하세요.\n#Person2#: 네, 무엇을 도와드릴까요?"]}))
     assert len(summaries) == 1 and isinstance(summaries[0], str)
 
 
 def _same_run(server: tuple[MlflowClient, object], local: tuple[MlflowClient, object]) -> None:
-    """Same params, metric keys with the same steps, tag keys and artifact paths."""
+    """Same params, metric keys with the same steps (system metrics aside: their samples follow the clock), tag keys
+    and artifact paths."""
     (server_client, server_run), (local_client, local_run) = server, local
     assert server_run.data.params == local_run.data.params
-    assert server_run.data.metrics.keys() == local_run.data.metrics.keys()
-    for key in server_run.data.metrics:
+    keys = {k for k in server_run.data.metrics if not k.startswith("system/")}
+    assert keys == {k for k in local_run.data.metrics if not k.startswith("system/")}
+    for key in keys:
         steps = _steps(server_client, server_run.info.run_id, key)
         assert steps == _steps(local_client, local_run.info.run_id, key), key
     tags = {k for k in server_run.data.tags if not k.startswith("mlflow.")}
@@ -244,8 +242,8 @@ def test_losing_the_experiment_creation_race_still_logs_into_the_experiment(mlfl
     assert mlflow.get_run(run.run_id).info.experiment_id == winner_id
 
 
-def test_basic_auth_refuses_a_client_without_credentials(shared, team_server: TrackingServer):  # noqa: F811
-    done = subprocess.run(_train_command(shared), env=_client_env(**team_server.client_env(with_credentials=False)),
+def test_basic_auth_refuses_a_client_without_credentials(team_server: TrackingServer):  # noqa: F811
+    done = subprocess.run(_train_command(), env=_client_env(**team_server.client_env(with_credentials=False)),
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     output = done.stdout + done.stderr
     assert done.returncode == 1, output[-3000:]
@@ -294,11 +292,11 @@ def test_unreachable_server_fails_within_seconds(kind, silent_server, monkeypatc
     assert uri in str(failed.value) and "MLFLOW_TRACKING_URI" in str(failed.value)
 
 
-def test_cli_names_the_unreachable_server(shared, silent_server):
+def test_cli_names_the_unreachable_server(silent_server):
     """The whole command, interpreter start-up and imports included, ends with one clear line instead of MLflow's
     minutes of retries (the network wait itself is bounded to seconds above)."""
     start = time.perf_counter()
-    done = subprocess.run(_train_command(shared), env=_client_env(MLFLOW_TRACKING_URI=silent_server),
+    done = subprocess.run(_train_command(), env=_client_env(MLFLOW_TRACKING_URI=silent_server),
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     elapsed = time.perf_counter() - start
     output = done.stdout + done.stderr

@@ -1,4 +1,5 @@
-"""`train`: real training steps on real rows with real tokenizers, logged to a real SQLite MLflow store."""
+"""`train`: real training steps on the bundled Korean sample (train fits, validation chooses, test reports), logged to a
+real SQLite MLflow store."""
 
 from __future__ import annotations
 
@@ -12,79 +13,96 @@ import time
 from pathlib import Path
 
 import mlflow
-import pandas as pd
 import pytest
 
-from dialogsum.train import train_model
+from dialogsum.data import DataError, dataset_rows_digest, read_dialogues, sample_data_path, split_validation
+from dialogsum.train import EPOCH_METRICS, train_model
 
 REPO = Path(__file__).resolve().parents[1]
 HANGUL = re.compile(r"[\uac00-\ud7a3]")
 
 
-def _tiny_bart(shared, **extra):
-    return {
-        "training.epochs": 2,
-        "training.max_train_samples": 48,
-        "training.max_eval_samples": 8,
-        "training.learning_rate": 3e-3,
-        "tokenizer.path": str(shared("tokenizers/kobart")),
-        **extra,
-    }
+def _tiny_bart(**extra):
+    return {"training.epochs": 2, "training.learning_rate": 3e-3, "generation.max_new_tokens": 24, **extra}
 
 
 def _history(run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in mlflow.MlflowClient().get_metric_history(run_id, key))
 
 
-def test_kobart_tiny_run_tells_the_whole_story(mlflow_store, shared):
-    labeled = shared("data/dialogsum-ko/labeled.csv")
-    run_id = train_model("kobart-tiny", train_path=labeled, eval_path=labeled, overrides=_tiny_bart(shared))
+def test_kobart_tiny_run_tells_the_whole_story(mlflow_store):
+    """No data given: the sample's train rows, 20% held out by fname hash for validation, its dev rows as the test."""
+    run_id = train_model("kobart-tiny", overrides=_tiny_bart())
     run = mlflow.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["dialogsum.status"] == "succeeded"
     assert run.data.tags["dialogsum.model"] == "kobart-tiny"
     assert run.data.tags["dialogsum.precision"] == "cpu:float32"
-    for key in ("eval_loss", "eval_rouge1", "eval_rouge2", "eval_rougeL", "eval_final", "eval_gen_len", "epoch_time_s"):
+    for key in EPOCH_METRICS + ("epoch_time_s",):
         assert [step for step, _ in _history(run_id, key)] == [1, 2], key
     assert _history(run_id, "train_loss"), "training loss is logged every N steps"
+    metrics = run.data.metrics
+    assert metrics["best_val_final"] == max(v for _, v in _history(run_id, "val_final")), "validation chose the epoch"
+    assert metrics["test_final_ci95_low"] <= metrics["test_final"] <= metrics["test_final_ci95_high"]
+    assert metrics["best_val_final_ci95_low"] <= metrics["best_val_final"] <= metrics["best_val_final_ci95_high"]
     assert run.data.params["training.epochs"] == "2"
-    assert run.data.params["tokenizer.path"].endswith("tokenizers/kobart")
     assert int(run.data.params["model.dialogue_tag_tokens"]) == 15
-    assert int(run.data.params["model.vocab_size"]) == 30000 + 15
-    assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"labeled.csv"}
+
+    train, validation = split_validation(read_dialogues(sample_data_path("train")), 0.2)
+    test = read_dialogues(sample_data_path("dev"))
+    assert run.data.tags["dialogsum.val_rows_digest"] == dataset_rows_digest(validation)
+    assert run.data.tags["dialogsum.test_rows_digest"] == dataset_rows_digest(test)
+    assert run.data.params["data.training.rows"] == str(len(train)) and run.data.params["data.validation.rows"] == str(len(validation))
+    contexts = {t.value for d in run.inputs.dataset_inputs for t in d.tags if t.key == "mlflow.data.context"}
+    assert contexts == {"training", "validation", "testing"}
 
     client = mlflow.MlflowClient()
     artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"config.yaml", "predictions.json", "rouge_curve.png"} <= artifacts
+    assert {"config.yaml", "predictions.json", "test_predictions.json", "rouge_curve.png"} <= artifacts
     table = mlflow.load_table("predictions.json", run_ids=[run_id])
     assert list(table.columns[:4]) == ["fname", "dialogue", "reference", "prediction"]
     assert {"rouge1", "rouge2", "rougeL", "final"} <= set(table.columns)
-    assert len(table) == 8 and table["fname"].tolist()[0] == "dev_0"
+    assert sorted(table["fname"]) == sorted(validation.fnames) and not set(table["fname"]) & set(train.fnames)
+    test_table = mlflow.load_table("test_predictions.json", run_ids=[run_id])
+    assert list(test_table["fname"]) == test.fnames
+    assert metrics["test_final"] == pytest.approx(test_table["final"].mean())
 
-    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/kobart-tiny")
+    assert model.metadata.run_id == run_id
     assert "max_new_tokens" in [p.name for p in model.metadata.signature.params.params]
-    frame = table[["fname", "dialogue"]].head(3)
+    served = model.predict(test_table[["fname", "dialogue"]])
+    assert served == list(test_table["prediction"]), "the served model writes exactly the scored test summaries"
+    frame = test_table[["fname", "dialogue"]].head(3)
     summaries = model.predict(frame, params={"max_new_tokens": 24})
     assert len(summaries) == 3 and all(isinstance(s, str) and s for s in summaries)
     assert any(HANGUL.search(s) for s in summaries), summaries
     assert model.predict(frame["dialogue"].tolist(), params={"max_new_tokens": 24}) == summaries, "a list of strings works too"
+    system = [k for k in metrics if k.startswith("system/")]
+    assert "system/cpu_utilization_percentage" in system and "system/system_memory_usage_megabytes" in system, system
 
 
-def test_qlora_causal_model_trains_in_4bit_on_cpu_and_loss_goes_down(mlflow_store, shared):
-    labeled = shared("data/dialogsum-ko/labeled.csv")
+def test_rows_shared_between_roles_are_refused_naming_them(mlflow_store):
+    train = sample_data_path("train")
+    with pytest.raises(DataError, match="train_0") as caught:
+        train_model("kobart-tiny", train_path=train, validation_path=train, overrides=_tiny_bart())
+    assert "train (" in str(caught.value) and "validation (" in str(caught.value) and "shared row(s)" in str(caught.value)
+    with pytest.raises(DataError, match="dev_0"):
+        train_model("kobart-tiny", validation_path=sample_data_path("dev"), test_path=sample_data_path("dev"), overrides=_tiny_bart())
+
+
+def test_qlora_causal_model_trains_in_4bit_on_cpu_and_loss_goes_down(mlflow_store):
     overrides = {
-        "tokenizer.path": str(shared("tokenizers/qwen3")),
-        "prompt.format": "chat",
         "training.epochs": 3,
         "training.batch_size": 4,
         "training.max_train_samples": 8,
-        "training.max_eval_samples": 2,
+        "training.max_validation_samples": 2,
+        "training.max_test_samples": 2,
         "training.max_source_length": 192,
         "training.log_every_n_steps": 1,
         "training.learning_rate": 5e-3,
         "generation.max_new_tokens": 8,
     }
-    run_id = train_model("qwen3-tiny-qlora", train_path=labeled, eval_path=labeled, overrides=overrides)
+    run_id = train_model("qwen3-tiny-qlora", overrides=overrides)
     run = mlflow.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert int(run.data.params["model.quantized_linear_layers"]) > 0, "base linear layers are bitsandbytes 4-bit"
@@ -92,14 +110,13 @@ def test_qlora_causal_model_trains_in_4bit_on_cpu_and_loss_goes_down(mlflow_stor
     losses = [v for _, v in _history(run_id, "train_loss")]
     assert len(losses) == 6
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, losses
-    assert [s for s, _ in _history(run_id, "eval_final")] == [1, 2, 3]
+    assert [s for s, _ in _history(run_id, "val_final")] == [1, 2, 3]
 
 
-def test_failure_is_a_failed_run_with_error_artifacts(mlflow_store, shared):
-    labeled = shared("data/dialogsum-ko/labeled.csv")
+def test_failure_is_a_failed_run_with_error_artifacts(mlflow_store):
     overrides = {"architecture.hidden_size": 65, "training.max_train_samples": 8}  # 65 is not divisible by 4 heads
     with pytest.raises(Exception, match="hidden size"):
-        train_model("llama-tiny", train_path=labeled, eval_path=labeled, overrides=overrides)
+        train_model("llama-tiny", overrides=overrides)
     run = mlflow.search_runs(output_format="list", experiment_names=["dialogsum"])[0]
     assert run.info.status == "FAILED"
     assert run.data.tags["dialogsum.status"] == "failed"
@@ -111,7 +128,7 @@ def test_failure_is_a_failed_run_with_error_artifacts(mlflow_store, shared):
     assert "Traceback" in Path(traceback_path).read_text()
 
 
-def test_hub_model_offline_fails_fast_with_a_clear_reason(mlflow_store, shared, monkeypatch):
+def test_hub_model_offline_fails_fast_with_a_clear_reason(mlflow_store, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
     result = subprocess.run(
@@ -125,13 +142,11 @@ def test_hub_model_offline_fails_fast_with_a_clear_reason(mlflow_store, shared, 
     assert elapsed < 60, f"offline failure took {elapsed:.1f} s"
 
 
-def test_sigterm_marks_the_run_killed(mlflow_store, shared):
-    labeled = shared("data/dialogsum-ko/labeled.csv")
+def test_sigterm_marks_the_run_killed(mlflow_store):
     mlflow.set_experiment("dialogsum")  # create the store first: polling a half-migrated SQLite file races
     process = subprocess.Popen(
-        [sys.executable, "-m", "dialogsum", "train", "--model", "kobart-tiny", "--train-data", str(labeled),
-         "--eval-data", str(labeled), "--epochs", "50", "--max-eval-samples", "4",
-         "--set", f"tokenizer.path={shared('tokenizers/kobart')}"],
+        [sys.executable, "-m", "dialogsum", "train", "--model", "kobart-tiny", "--epochs", "50",
+         "--max-validation-samples", "4", "--set", "training.log_every_n_steps=1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.time() + 240
@@ -162,4 +177,4 @@ def test_mlflow_run_entry_point_trains_kobart_tiny(mlflow_store):
     assert len(runs) == 1, "train logs into the run that `mlflow run` created"
     run = runs[0]
     assert run.info.status == "FINISHED" and run.data.tags["dialogsum.kind"] == "train"
-    assert [s for s, _ in _history(run.info.run_id, "eval_final")] == [1, 2]
+    assert [s for s, _ in _history(run.info.run_id, "val_final")] == [1, 2]

@@ -40,7 +40,7 @@ def train_steps(precision: str, steps: int) -> dict:
 
     from dialogsum.config import load_model_config
     from dialogsum.data import read_dialogues, sample_data_path
-    from dialogsum.features import BatchPlan, Collator, encode_example
+    from dialogsum.features import EpochSeededSampler, build_collator, tokenize_rows
     from dialogsum.models import build_model, load_tokenizer
     from dialogsum.precision import detect_device, resolve_precision
     from dialogsum.train import train_epoch
@@ -51,9 +51,9 @@ def train_steps(precision: str, steps: int) -> dict:
     tokenizer = load_tokenizer(cfg, data.dialogues + data.summaries, data.report.digest)
     built = build_model(cfg, tokenizer, policy)
     accelerator = Accelerator(mixed_precision=policy.mixed_precision)
-    examples = [encode_example(cfg, tokenizer, r.dialogue, r.summary or "") for r in data.rows]
-    plan = BatchPlan([len(e) for e in examples], cfg.training.batch_size, cfg.training.seed, True)
-    loader = DataLoader(examples, batch_sampler=plan, collate_fn=Collator(tokenizer.pad_token_id, False))
+    examples = tokenize_rows(cfg, tokenizer, data.dialogues, data.summaries)
+    sampler = EpochSeededSampler([len(ids) for ids in examples["input_ids"]], cfg.training.batch_size, cfg.training.seed, True)
+    loader = DataLoader(examples, batch_size=cfg.training.batch_size, sampler=sampler, collate_fn=build_collator(cfg, tokenizer))
     params = [p for p in built.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.training.learning_rate)
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, steps)
@@ -61,7 +61,7 @@ def train_steps(precision: str, steps: int) -> dict:
     losses: list[float] = []
     start = time.perf_counter()
     while len(losses) < steps:
-        plan.set_epoch(len(losses))
+        sampler.set_epoch(len(losses))
         train_epoch(model, loader, optimizer, scheduler, accelerator, 1.0, lambda loss, _synced: losses.append(loss))
     torch.cuda.synchronize()
     quantized = [m for m in model.modules() if type(m).__name__ == "Linear4bit" and hasattr(m, "compute_dtype")]

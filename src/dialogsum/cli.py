@@ -13,37 +13,46 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Korean dialo
 console = Console(stderr=True)
 
 
+def _say(text: str) -> None:
+    """A line for the user on stderr, whole (never wrapped at the terminal's width) and literal (no markup)."""
+    console.print(text, soft_wrap=True, markup=False, highlight=False)
+
+
 def _split(values: str | None) -> list[str]:
     return [v.strip() for v in (values or "").split(",") if v.strip()]
 
 
-@app.command()
-def models() -> None:
-    """List the configured models (canonical names and aliases)."""
-    from rich.table import Table
+FormatOption = Annotated[str, typer.Option("--format", help="auto (a table on a terminal, plain lines elsewhere), table, plain or json")]
 
-    from dialogsum.config import model_registry
+
+@app.command()
+def models(format_: FormatOption = "auto") -> None:
+    """List the configured models (canonical names and aliases) and where the configs were read from."""
+    from dialogsum.config import config_source, model_registry
+    from dialogsum.output import emit
 
     registry = model_registry()
-    table = Table(title=f"models in {registry.folder}")
-    for column in ("name", "aliases", "family", "task", "hub id / source", "quantization"):
-        table.add_column(column)
-    for name in registry.names:
-        cfg = registry.configs[name]
-        table.add_row(name, ", ".join(cfg.aliases), cfg.family, cfg.task, cfg.hub_id or "config (random init)", cfg.quantization)
-    Console().print(table)
+    rows = [
+        {"name": name, "aliases": ", ".join(cfg.aliases) or "-", "family": cfg.family, "task": cfg.task,
+         "hub id / source": cfg.hub_id or "config (random init)", "quantization": cfg.quantization}
+        for name, cfg in ((name, registry.configs[name]) for name in registry.names)
+    ]  # fmt: skip
+    emit(rows, list(rows[0]), f"models from {config_source().label}", format_)
 
 
 @app.command()
 def preflight(
     models: Annotated[str, typer.Option(help="Comma-separated model names")],
     data: Annotated[Optional[list[Path]], typer.Option(help="Data files to validate (repeatable)")] = None,
+    format_: FormatOption = "auto",
 ) -> None:
     """Check models before any weight is loaded; exits 1 when any model is blocked."""
-    from dialogsum.preflight import render_table, run_preflight
+    from dialogsum.output import emit
+    from dialogsum.preflight import run_preflight, verdict_rows
 
     verdicts = run_preflight(_split(models), data_paths=data or [])
-    Console().print(render_table(verdicts))
+    rows = verdict_rows(verdicts)
+    emit(rows, list(rows[0]) if rows else ["model"], "dialogsum preflight", format_)
     if not all(v.ok for v in verdicts):
         raise typer.Exit(1)
 
@@ -60,12 +69,15 @@ def _fail(error: Exception) -> None:
 def train(
     model: Annotated[str, typer.Option(help="Model name or alias (see `dialogsum models`)")],
     train_data: Annotated[Optional[Path], typer.Option(help="Labelled training CSV (default: bundled sample)")] = None,
-    eval_data: Annotated[Optional[Path], typer.Option(help="Labelled evaluation CSV (default: bundled sample)")] = None,
+    validation_data: Annotated[Optional[Path], typer.Option(help="Labelled CSV that chooses the best epoch (default: --validation-fraction of the training rows)")] = None,
+    test_data: Annotated[Optional[Path], typer.Option(help="Labelled CSV the chosen checkpoint is reported on (default: none; with no data given, the bundled dev sample)")] = None,
+    validation_fraction: Annotated[Optional[float], typer.Option(help="Share of the training rows held out for validation by fname hash (config: training.validation_fraction)")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Per-device training batch size")] = None,
     max_train_samples: Annotated[Optional[int], typer.Option(help="Use only the first N training rows")] = None,
-    max_eval_samples: Annotated[Optional[int], typer.Option(help="Use only the first N evaluation rows")] = None,
+    max_validation_samples: Annotated[Optional[int], typer.Option(help="Use only the first N validation rows")] = None,
+    max_test_samples: Annotated[Optional[int], typer.Option(help="Use only the first N test rows")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Config override key=value (repeatable), e.g. training.seed=3")] = None,
     parent_run_id: Annotated[Optional[str], typer.Option(help="Log as a child of this run")] = None,
 ) -> None:
@@ -80,12 +92,15 @@ def train(
         "training.epochs": epochs,
         "training.learning_rate": lr,
         "training.batch_size": batch_size,
+        "training.validation_fraction": validation_fraction,
         "training.max_train_samples": max_train_samples,
-        "training.max_eval_samples": max_eval_samples,
+        "training.max_validation_samples": max_validation_samples,
+        "training.max_test_samples": max_test_samples,
     }
     try:
         overrides = {k: v for k, v in overrides.items() if v is not None} | parse_set_options(set_ or [])
-        train_model(model, train_path=train_data, eval_path=eval_data, overrides=overrides, parent_run_id=parent_run_id)
+        train_model(model, train_path=train_data, validation_path=validation_data, test_path=test_data,
+                    overrides=overrides, parent_run_id=parent_run_id)  # fmt: skip
     except (ConfigError, DataError, PreflightError, TrackingError) as e:
         _fail(e)
 
@@ -101,42 +116,45 @@ def _skip_ensemble(error: Exception) -> None:
     if not run_id:
         _fail(error)
     close_run(run_id, "skipped", "ensemble", message=str(error))
-    console.print(f"[yellow]ensemble skipped:[/yellow] {error}")
+    _say(f"ensemble skipped: {error}")
 
 
-def _ensemble_table(run_id: str, strategy: str):
-    """Each source's eval_final and win share next to the ensemble's and the oracle's (labelled as an upper bound)."""
+def _ensemble_rows(run_id: str) -> list[dict]:
+    """Each source's val/test final and win share next to the ensemble's and the oracle's (an upper bound)."""
     import mlflow
-    from rich.table import Table
 
     metrics = mlflow.get_run(run_id).data.metrics
-    table = Table(title=f"ensemble {strategy} (eval_final on the same rows)")
-    for column in ("candidate", "eval_final", "win share"):
-        table.add_column(column)
+
+    def cells(stem: str) -> dict[str, str]:
+        return {p: "-" if f"{stem}{p}_final" not in metrics else f"{metrics[f'{stem}{p}_final']:.2f}" for p in ("val", "test")}
+
+    rows = []
     for name, share in sorted(metrics.items()):
         if name.startswith("win_share_"):
             label = name.removeprefix("win_share_")
-            final = metrics.get(f"source_{label}_eval_final")
-            table.add_row(label, "-" if final is None else f"{final:.2f}", f"{share:.2f}")
-    if "eval_final" in metrics:
-        table.add_row(f"ensemble ({strategy})", f"{metrics['eval_final']:.2f}", "")
-        table.add_row("oracle (upper bound, uses references)", f"{metrics['oracle_eval_final']:.2f}", "")
-    return table
+            rows.append({"candidate": label, **cells(f"source_{label}_"), "win share": f"{share:.2f}"})
+    if "val_final" in metrics:
+        rows.append({"candidate": "ensemble", **cells(""), "win share": ""})
+        rows.append({"candidate": "oracle (upper bound, uses references)", **cells("oracle_"), "win share": ""})
+    return rows
 
 
 @app.command()
 def ensemble(
     runs: Annotated[str, typer.Option(help="Comma-separated source run ids")] = "",
     parent: Annotated[str, typer.Option(help="Use the succeeded train/solar children of this run (and log under it)")] = "",
-    top_k: Annotated[int, typer.Option(help="Use the K best succeeded train/solar runs of the experiment by --metric")] = 0,
-    metric: Annotated[str, typer.Option(help="Validation metric that ranks and weighs sources")] = "eval_final",
+    top_k: Annotated[int, typer.Option(help="Use the K best succeeded train/solar runs of the experiment by --metric, among runs scored on the same validation rows")] = 0,
+    metric: Annotated[str, typer.Option(help="Validation metric that ranks and weighs sources")] = "val_final",
     strategy: Annotated[str, typer.Option(help="mbr, weighted_mbr or stacking")] = "mbr",
-    data: Annotated[str, typer.Option(help="CSV to summarise with the sources' models (default: their logged predictions)")] = "",
-    folds: Annotated[int, typer.Option(help="Cross-validation folds for stacking")] = 5,
+    data: Annotated[str, typer.Option(help="CSV to summarise with the sources' models: labelled, it is scored as the test rows; unlabelled, summaries only")] = "",
+    folds: Annotated[int, typer.Option(help="Cross-validation folds for stacking's out-of-fold validation score")] = 5,
+    temperature: Annotated[float, typer.Option(help="weighted_mbr: softmax temperature over validation scores, in final points")] = 2.0,
+    format_: FormatOption = "auto",
 ) -> None:
     """Ensemble the summaries of tracked runs (MBR consensus, weighted MBR or a stacking selector)."""
     from dialogsum.data import DataError
-    from dialogsum.ensemble import FnameMismatch, NotEnoughSources, run_ensemble, source_runs_of_parent, top_k_source_runs
+    from dialogsum.ensemble import NotEnoughSources, run_ensemble, source_runs_of_parent, top_k_source_runs
+    from dialogsum.output import emit
     from dialogsum.tracking import TrackingError, configure_tracking, ui_hint
 
     if sum(bool(x) for x in (runs, parent, top_k)) != 1:
@@ -148,20 +166,24 @@ def ensemble(
         elif parent:
             run_ids = source_runs_of_parent(parent, metric)
         else:
-            run_ids = top_k_source_runs(top_k, metric)
-        run_id = run_ensemble(run_ids, strategy, data_path=data or None, parent_run_id=parent or None, metric=metric, folds=folds)
+            run_ids, left_out = top_k_source_runs(top_k, metric)
+            for item in left_out:
+                _say(item.line())
+        run_id = run_ensemble(run_ids, strategy, data_path=data or None, parent_run_id=parent or None, metric=metric,
+                              folds=folds, temperature=temperature)  # fmt: skip
     except NotEnoughSources as e:
         _skip_ensemble(e)
         return
-    except (FnameMismatch, DataError, TrackingError, ValueError) as e:
+    except (DataError, TrackingError, ValueError) as e:
         _fail(e)
-    Console().print(_ensemble_table(run_id, strategy))
-    console.print(f"run {run_id}\nopen: {ui_hint(run_id)}")
+    emit(_ensemble_rows(run_id), ["candidate", "val", "test", "win share"], f"ensemble {strategy} (final on the same rows)", format_)
+    _say(f"run {run_id}\nopen: {ui_hint(run_id)}")
 
 
 @app.command("evaluate-solar")
 def evaluate_solar(
-    data: Annotated[Path, typer.Option(help="Labelled CSV to evaluate on")],
+    data: Annotated[Path, typer.Option(help="Labelled CSV of the validation rows (scored val_*)")],
+    test_data: Annotated[Optional[Path], typer.Option(help="Labelled CSV of the test rows (scored test_*)")] = None,
     model: Annotated[str, typer.Option(help="Upstage model, e.g. solar-mini (empty: configs/solar.yaml)")] = "",
     prompt: Annotated[str, typer.Option(help="Prompt name in configs/prompts/ or a YAML path (empty: the config's)")] = "",
     n_samples: Annotated[int, typer.Option(min=0, help="Evaluate only the first N rows (0: all)")] = 0,
@@ -195,6 +217,7 @@ def evaluate_solar(
     try:
         run_id = solar.evaluate_solar(
             data,
+            test_path=test_data,
             model=model or None,
             prompt=prompt or None,
             n_samples=n_samples or None,
@@ -215,14 +238,14 @@ def evaluate_solar(
 
     run = mlflow.get_run(run_id)
     metrics = run.data.metrics
-    shown = ["eval_final", "eval_rouge1", "eval_rouge2", "eval_rougeL", "rows", "scored_rows", "failed_rows",
-             "cache_hits", "api_requests", "retries", "rate_limited", "tokens_in", "tokens_out",
-             "latency_p50_s", "latency_p95_s", "estimated_cost_usd"]  # fmt: skip
+    shown = ["val_final", "val_final_answered", "val_rouge1", "val_rouge2", "val_rougeL", "test_final", "test_final_answered",
+             "rows", "answered_rows", "failed_rows", "cache_hits", "api_requests", "retries", "rate_limited", "tokens_in",
+             "tokens_out", "latency_p50_s", "latency_p95_s", "estimated_cost_usd"]  # fmt: skip
     for name in shown:
         if name in metrics:
-            console.print(f"{name:>20}  {metrics[name]:.4g}")
-    console.print(f"ROUGE over {run.data.tags.get(solar.SCOPE_TAG, '')}")
-    console.print(f"run {run_id}\nopen: {ui_hint(run_id)}")
+            _say(f"{name:>20}  {metrics[name]:.4g}")
+    _say(f"ROUGE: {run.data.tags.get(solar.SCOPE_TAG, '')}")
+    _say(f"run {run_id}\nopen: {ui_hint(run_id)}")
 
 
 @app.command()
@@ -241,7 +264,7 @@ def pipeline(
         parent_id = run_pipeline(config, resume_run_id=resume)
     except (ConfigError, TrackingError) as e:
         _fail(e)
-    console.print(f"pipeline parent run {parent_id}\nopen: {ui_hint(parent_id)}")
+    _say(f"pipeline parent run {parent_id}\nopen: {ui_hint(parent_id)}")
 
 
 @app.command()
@@ -262,34 +285,38 @@ def register(
     experiment: Annotated[str, typer.Option(help="Choose among this experiment's runs (default: the active experiment)")] = "",
     parent: Annotated[str, typer.Option(help="Choose among the children of this pipeline run (and log under it)")] = "",
     run: Annotated[str, typer.Option(help="Register this run's model instead of choosing")] = "",
-    metric: Annotated[str, typer.Option(help="Validation metric that chooses the champion (higher is better)")] = "eval_final",
+    metric: Annotated[str, typer.Option(help="Validation metric that chooses the candidate (higher is better)")] = "val_final",
     name: Annotated[str, typer.Option(help="Registered model name")] = "dialogsum-ko",
+    force: Annotated[bool, typer.Option("--force", help="Promote to @champion without beating it on the test rows (also: roll back with --run)")] = False,
 ) -> None:
-    """Register the best run's model as NAME@champion; the previous champion keeps alias @previous.
+    """Register the best candidate by validation; it becomes NAME@champion only when it beats the champion on the
+    same test rows (paired bootstrap), else NAME@challenger, with the reason. The former champion keeps @previous.
 
-    Candidates are succeeded train runs with a logged model (an optimize run's model: --run). Ties: higher
+    Candidates are succeeded train runs with a logged model, scored on the same validation rows. Ties: higher
     metric, then fewer parameters, then earlier end time, then smaller run id.
     """
-    from dialogsum.registry import CHAMPION_ALIAS, PREVIOUS_ALIAS, RegistryError, run_register
+    from dialogsum.registry import PREVIOUS_ALIAS, RegistryError, run_register
     from dialogsum.tracking import TrackingError, configure_tracking
 
     try:
         configure_tracking()
         scope = {"experiment": experiment or None, "parent_run_id": parent or None, "run_id": run or None}
-        done = run_register(**scope, metric=metric, name=name)
+        done = run_register(**scope, metric=metric, name=name, force=force)
     except (RegistryError, TrackingError) as e:
         _fail(e)
+    for item in done.not_comparable:
+        _say(item.line())
     score = "no score" if done.score is None else f"{metric}={done.score:.4g}"
     chosen = "given" if run else f"best of {done.candidates}"
-    console.print(f"models:/{name}/{done.version} ← run {done.run_id} ({score}, {chosen}) is @{CHAMPION_ALIAS}")
-    if done.previous_version:
-        console.print(f"models:/{name}/{done.previous_version} is @{PREVIOUS_ALIAS}")
+    _say(f"models:/{name}/{done.version} ← run {done.run_id} ({score}, {chosen}) is @{done.alias}: {done.reason}")
+    if done.promoted and done.previous_version:
+        _say(f"models:/{name}/{done.previous_version} is @{PREVIOUS_ALIAS}")
 
 
 @app.command()
 def predict(
     data: Annotated[Path, typer.Option(help="CSV with fname,dialogue (a summary column is ignored)")],
-    model_uri: Annotated[str, typer.Option(help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/model")] = (
+    model_uri: Annotated[str, typer.Option(help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/MODEL_NAME")] = (
         "models:/dialogsum-ko@champion"
     ),
     out: Annotated[Path, typer.Option(help="Submission CSV to write (fname,summary)")] = Path("submission.csv"),
@@ -297,6 +324,8 @@ def predict(
     param: Annotated[
         Optional[list[str]], typer.Option("--param", help="Generation override key=value (repeatable), e.g. num_beams=1")
     ] = None,
+    ensemble_run: Annotated[str, typer.Option(help="Summarise with this logged ensemble (its strategy over its sources' models) instead of --model-uri")] = "",
+    source_reason: Annotated[str, typer.Option(help="Why this model or ensemble writes the submission (recorded on the run)")] = "",
 ) -> None:
     """Write a submission (fname,summary in input order), validated and logged to a `predict` run."""
     import mlflow
@@ -308,11 +337,12 @@ def predict(
     from dialogsum.tracking import TrackingError, ui_hint
 
     try:
-        run_id = predict_file(model_uri, data, out, batch_size, parse_set_options(param or []))
+        run_id = predict_file(None if ensemble_run else model_uri, data, out, batch_size, parse_set_options(param or []),
+                              ensemble_run=ensemble_run or None, source_reason=source_reason or None)  # fmt: skip
     except (ConfigError, DataError, RegistryError, SubmissionError, TrackingError) as e:
         _fail(e)
     failed = int(mlflow.get_run(run_id).data.metrics.get("error_rows", 0))
-    console.print(f"wrote {out}\nrun {run_id}\nopen: {ui_hint(run_id)}")
+    _say(f"wrote {out}\nrun {run_id}\nopen: {ui_hint(run_id)}")
     if failed:
         _fail(RuntimeError(f"{failed} row(s) have no summary; see {ERRORS_ARTIFACT} in run {run_id}"))
 
@@ -320,10 +350,11 @@ def predict(
 @app.command()
 def optimize(
     run: Annotated[str, typer.Option(help="Optimise the model logged by this run")] = "",
-    model_uri: Annotated[str, typer.Option(help="...or this model: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model")] = "",
+    model_uri: Annotated[str, typer.Option(help="...or this model: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/MODEL_NAME")] = "",
     quantization: Annotated[str, typer.Option(help="Comma-separated variants besides fp32: int8 (CPU); fp16, bf16 (CUDA); bnb-int8, bnb-nf4 (both); auto (int8 on CPU, fp16,bf16 on CUDA); none")] = "auto",
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes to sweep, growing")] = "1,2,4,8,16,32,64",
-    data: Annotated[Optional[Path], typer.Option(help="Labelled CSV whose rows are generated (default: bundled dev sample)")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Labelled CSV of validation rows: swept, and their quality decides the recommendation (default: bundled dev sample)")] = None,
+    test_data: Annotated[Optional[Path], typer.Option(help="Labelled CSV of test rows each variant's quality is reported on")] = None,
     n_samples: Annotated[int, typer.Option(help="Use the first N rows (0: 64)")] = 0,
     param: Annotated[Optional[list[str]], typer.Option("--param", help="Generation override key=value (repeatable), e.g. num_beams=1")] = None,
     max_rouge_drop: Annotated[float, typer.Option(help="Largest ROUGE final drop (points) against fp32 a recommended variant may have")] = 0.5,
@@ -332,13 +363,13 @@ def optimize(
     min_gain: Annotated[float, typer.Option(help="Stop growing the batch when throughput improves by less than this fraction")] = 0.05,
     log_variant: Annotated[str, typer.Option(help="Log this variant as the model instead of the recommended one")] = "",
     parent_run_id: Annotated[str, typer.Option(help="Log as a child of this run")] = "",
+    format_: FormatOption = "auto",
 ) -> None:
     """Measure fp32 against INT8 (CPU), fp16/bf16 (CUDA) or bitsandbytes variants over a batch-size sweep; log the recommended model."""
-    from rich.table import Table
-
     from dialogsum.config import ConfigError, parse_set_options
     from dialogsum.data import DataError
     from dialogsum.optimize import SWEEP_TABLE, Budget, OptimizeError, SweepSettings, optimize_run
+    from dialogsum.output import emit
     from dialogsum.quantize import VariantError
     from dialogsum.registry import RegistryError
     from dialogsum.tracking import TrackingError, load_predictions, ui_hint
@@ -350,7 +381,7 @@ def optimize(
         settings = SweepSettings(min_gain=min_gain, max_memory_bytes=int(max_memory_gb * 1e9) or None)
         budget = Budget(max_rouge_drop=max_rouge_drop, max_latency_p95_s=max_latency_s or None)
         run_id = optimize_run(run or None, model_uri=model_uri or None, quantization=quantization, batch_sizes=sizes,
-                              data_path=data, n_samples=n_samples or None, parent_run_id=parent_run_id or None,
+                              data_path=data, test_path=test_data, n_samples=n_samples or None, parent_run_id=parent_run_id or None,
                               generation=parse_set_options(param or []), settings=settings, budget=budget,
                               log_variant=log_variant or None)  # fmt: skip
     except (ConfigError, DataError, OptimizeError, RegistryError, TrackingError, VariantError, ValueError) as e:
@@ -358,16 +389,12 @@ def optimize(
     import mlflow
 
     tags = mlflow.get_run(run_id).data.tags
-    table = Table(title="optimize: batch-size sweep (same rows for every variant)")
-    sweep = load_predictions(run_id, SWEEP_TABLE)
-    for column in ("variant", "batch", "status", "p50 s", "p95 s", "samples/s", "peak memory"):
-        table.add_column(column)
-    for row in sweep.itertuples():
-        table.add_row(row.variant, str(row.batch_size), row.status, f"{row.latency_p50_s:.3f}", f"{row.latency_p95_s:.3f}",
-                      f"{row.throughput_sps:.2f}", f"{row.peak_memory_bytes / 1e9:.2f} GB")  # fmt: skip
-    Console().print(table)
-    console.print(f"recommended: {tags['dialogsum.recommended_variant']} at batch size {tags['dialogsum.recommended_batch_size']} "
-                  f"({tags['dialogsum.recommendation']})\nrun {run_id}\nopen: {ui_hint(run_id)}")  # fmt: skip
+    rows = [{"variant": r.variant, "batch": r.batch_size, "status": r.status, "p50 s": f"{r.latency_p50_s:.3f}",
+             "p95 s": f"{r.latency_p95_s:.3f}", "samples/s": f"{r.throughput_sps:.2f}",
+             "peak memory": f"{r.peak_memory_bytes / 1e9:.2f} GB"} for r in load_predictions(run_id, SWEEP_TABLE).itertuples()]  # fmt: skip
+    emit(rows, list(rows[0]), "optimize: batch-size sweep (same rows for every variant)", format_)
+    _say(f"recommended: {tags['dialogsum.recommended_variant']} at batch size {tags['dialogsum.recommended_batch_size']} "
+         f"({tags['dialogsum.recommendation']})\nrun {run_id}\nopen: {ui_hint(run_id)}")
 
 
 def main() -> None:
@@ -375,15 +402,26 @@ def main() -> None:
 
 
 @app.callback()
-def _quiet_libraries() -> None:
+def _setup(
+    system_metrics: Annotated[bool, typer.Option("--system-metrics/--no-system-metrics",
+                                                 help="MLflow system metrics (CPU, memory, GPU) on train, optimize, tune and predict runs")] = True,
+) -> None:
     """Keep third-party progress bars and info logs out of dialogsum's own output."""
     import os
+
+    from dialogsum.tracking import SYSTEM_METRICS_ENV
+
+    if not system_metrics:
+        os.environ[SYSTEM_METRICS_ENV] = "false"  # inherited by the stage processes of a pipeline
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import logging
 
+    from dialogsum.output import strip_ansi_off_terminal
+
+    strip_ansi_off_terminal()
     # Optional-kernel probes that log at import time (torchao's CUDA extensions, bitsandbytes' CPU kernels).
     for name in ("torchao", "bitsandbytes", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -91,10 +91,12 @@ class TrainingSettings(StrictModel):
     group_by_length: bool = True
     pad_to_max_length: bool = False
     log_every_n_steps: int = 10
-    best_metric: str = "eval_final"
+    best_metric: str = "val_final"
     best_metric_mode: Literal["max", "min"] = "max"
+    validation_fraction: float = Field(0.2, gt=0, lt=1, description="held out of the training rows (by fname hash) when no validation file is given")
     max_train_samples: int | None = None
-    max_eval_samples: int | None = None
+    max_validation_samples: int | None = None
+    max_test_samples: int | None = None
     seed: int = 42
     gradient_checkpointing: bool = False
 
@@ -302,7 +304,7 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-PipelineStep = Literal["train", "evaluate_solar", "ensemble", "optimize", "register"]
+PipelineStep = Literal["train", "evaluate_solar", "ensemble", "optimize", "register", "predict"]
 
 
 class PipelineModel(StrictModel):
@@ -311,9 +313,16 @@ class PipelineModel(StrictModel):
 
 
 class PipelineData(StrictModel):
+    """The data roles: `train` fits; `validation` chooses (epochs, ensemble weights, the optimize recommendation,
+    the ranking of candidates); `test` reports (and guards the champion); `predict` is the unlabelled file the
+    submission is written for. Without a validation file, `validation_fraction` of the train rows (by fname hash)
+    become validation. Defaults: the bundled sample's train, dev (as test) and test (to predict) files."""
+
     train: str | None = None
-    eval: str | None = None
+    validation: str | None = None
     test: str | None = None
+    predict: str | None = None
+    validation_fraction: float = Field(0.2, gt=0, lt=1)
 
 
 class SolarStep(StrictModel):
@@ -336,7 +345,7 @@ class OptimizeStep(StrictModel):
 
 class RegisterStep(StrictModel):
     name: str = "dialogsum-ko"
-    metric: str = "eval_final"
+    metric: str = "val_final"
 
 
 class StageTimeouts(StrictModel):
@@ -347,6 +356,7 @@ class StageTimeouts(StrictModel):
     ensemble: float = 1800
     optimize: float = 3600
     register_: float = Field(600, alias="register")
+    predict: float = 3600
 
 
 class PipelineConfig(StrictModel):

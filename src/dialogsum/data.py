@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -76,6 +77,7 @@ class DataReport:
     labelled: bool = False
     cleaned_cells: Counter = field(default_factory=Counter)
     digest: str = ""
+    selection: str = ""  # how the rows were chosen from the file, when not all of them
 
     def summary(self) -> str:
         cleaned = ", ".join(f"{k}: {v}" for k, v in sorted(self.cleaned_cells.items())) or "none"
@@ -106,8 +108,14 @@ class DialogueSet:
         """The first n rows (all when n is None); the report keeps the full file's digest."""
         if n is None or n >= len(self.rows):
             return self
-        report = DataReport(self.report.path, n, self.report.labelled, self.report.cleaned_cells, self.report.digest)
-        return DialogueSet(self.rows[:n], report)
+        return self.subset(self.rows[:n], f"first {n} rows")
+
+    def subset(self, rows: list[Dialogue], how: str) -> "DialogueSet":
+        """Some of the rows; the report keeps the file's path and digest and records how they were chosen."""
+        selection = f"{self.report.selection}; {how}" if self.report.selection else how
+        report = DataReport(self.report.path, len(rows), self.report.labelled, self.report.cleaned_cells,
+                            self.report.digest, selection)  # fmt: skip
+        return DialogueSet(list(rows), report)
 
 
 def clean_text(text: str) -> tuple[str, list[str]]:
@@ -189,6 +197,103 @@ def read_dialogues(path: str | Path, require_summary: bool | None = None) -> Dia
         raise DataError([(name, None, None, "no data rows")])
     report.rows = len(rows)
     return DialogueSet(rows, report)
+
+
+def rows_digest(fnames: list[str], references: list[str | None]) -> str:
+    """Digest of the exact (fname, reference) pairs a score was computed on, independent of their order: two
+    scores are comparable only when their digests are equal."""
+    pairs = sorted(zip(fnames, [r or "" for r in references]))
+    return hashlib.sha256(json.dumps(pairs, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+
+
+def dataset_rows_digest(data: "DialogueSet") -> str:
+    return rows_digest(data.fnames, [r.summary for r in data.rows])
+
+
+def fname_fraction(fname: str) -> float:
+    """A stable number in [0, 1) from the fname alone (its SHA-256), so a split never depends on row order."""
+    return int(hashlib.sha256(fname.encode("utf-8")).hexdigest()[:15], 16) / 16**15
+
+
+def split_validation(data: "DialogueSet", fraction: float) -> tuple["DialogueSet", "DialogueSet"]:
+    """(train, validation): the rows whose `fname_fraction` is below `fraction` become validation."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation_fraction must be between 0 and 1, got {fraction}")
+    validation = [r for r in data.rows if fname_fraction(r.fname) < fraction]
+    train = [r for r in data.rows if fname_fraction(r.fname) >= fraction]
+    if not validation or not train:
+        raise DataError([(data.report.path, None, "fname", f"a validation_fraction of {fraction} of {len(data)} rows "
+                          f"leaves {len(train)} training and {len(validation)} validation rows; give a validation file")])  # fmt: skip
+    return data.subset(train, f"{fraction:g} held out by fname hash"), data.subset(validation, f"{fraction:g} by fname hash")
+
+
+def check_disjoint(sets: dict[str, "DialogueSet"]) -> None:
+    """Raise DataError when two roles share a row (the same fname, or the same dialogue text under another fname),
+    naming the fnames."""
+    problems: list[tuple[str, int | None, str | None, str]] = []
+    names = list(sets)
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            a, b = sets[first], sets[second]
+            shared = sorted(set(a.fnames) & set(b.fnames))
+            texts = {r.dialogue: r.fname for r in a.rows}
+            same_text = sorted(f"{texts[r.dialogue]}={r.fname}" for r in b.rows if r.dialogue in texts and texts[r.dialogue] != r.fname)
+            for kind, found in (("fname", shared), ("dialogue", same_text)):
+                if found:
+                    shown = ", ".join(found[:10]) + (f" ... ({len(found)} in all)" if len(found) > 10 else "")
+                    problems.append((f"{first} ({a.report.path}) and {second} ({b.report.path})", None, kind,
+                                     f"{len(found)} shared row(s): {shown}"))  # fmt: skip
+    if problems:
+        raise DataError(problems)
+
+
+@dataclass
+class DataRoles:
+    """Train fits; validation chooses (epochs, weights, variants, the champion's ranking); test reports."""
+
+    train: DialogueSet
+    validation: DialogueSet
+    test: DialogueSet | None
+
+    def sets(self) -> dict[str, DialogueSet]:
+        return {"train": self.train, "validation": self.validation, **({"test": self.test} if self.test else {})}
+
+
+def load_data_roles(
+    train_path: str | Path | None,
+    validation_path: str | Path | None = None,
+    test_path: str | Path | None = None,
+    *,
+    validation_fraction: float = 0.2,
+    limits: tuple[int | None, int | None, int | None] = (None, None, None),
+) -> DataRoles:
+    """Read the three roles. No validation file: `validation_fraction` of the training rows (by fname hash). No
+    files at all: the bundled sample's train (split) and dev (as test). `limits` keep the first N rows of train,
+    validation and test. Rows shared between roles are refused (DataError naming the fnames)."""
+    train = read_dialogues(train_path or sample_data_path("train"), require_summary=True)
+    if validation_path:
+        validation = read_dialogues(validation_path, require_summary=True)
+    else:
+        train, validation = split_validation(train, validation_fraction)
+    if test_path is None and train_path is None:
+        test_path = sample_data_path("dev")
+    test = read_dialogues(test_path, require_summary=True) if test_path else None
+    max_train, max_validation, max_test = limits
+    roles = DataRoles(train.head(max_train), validation.head(max_validation), test.head(max_test) if test else None)
+    check_disjoint(roles.sets())
+    return roles
+
+
+def write_dialogues(data: DialogueSet, path: str | Path) -> Path:
+    """Write rows as a competition CSV (`fname,dialogue[,summary,topic]`, UTF-8, quoted), readable by `read_dialogues`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = [*LABELLED_COLUMNS, "topic"] if data.report.labelled else list(UNLABELLED_COLUMNS)
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows([getattr(r, c) or "" for c in columns] for r in data.rows)
+    return path
 
 
 def sample_data_path(split: str = "train") -> Path:

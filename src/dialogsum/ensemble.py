@@ -1,19 +1,26 @@
 """Ensembles of summaries from tracked runs: MBR consensus, score-weighted MBR, and a learned stacking selector.
 
-Sources are runs of kind `train` or `solar`. Their candidates are the prediction tables those runs logged, or,
-with a data CSV, the summaries their logged pyfunc models (`runs:/<id>/model`) generate for it. Every strategy
-selects one source's candidate per dialogue; none writes new text:
+Sources are runs of kind `train`, `solar` or `ensemble` that logged a validation predictions table
+(`predictions.json`) on the same rows (the same `dialogsum.val_rows_digest`); a run scored on other rows is set
+aside as not comparable. Every strategy selects one source's candidate per dialogue; none writes new text:
 
 - `mbr`: the candidate with the highest mean Korean ROUGE ((R1+R2+RL)/3 F1) against the other candidates
   (minimum Bayes risk with ROUGE as the utility).
-- `weighted_mbr`: the same mean, each other candidate weighted by its source's validation score.
+- `weighted_mbr`: the same mean, each other candidate weighted by its source's weight: a softmax over the
+  sources' validation scores, `exp((score − best) / τ)` normalised, τ = `temperature` points (logged). A source
+  τ points behind the best counts e⁻¹ ≈ 0.37 times as much.
 - `stacking`: a gradient-boosting regressor predicts each candidate's ROUGE against the reference (relative to
-  the dialogue's candidate mean) from per-candidate features; the highest prediction wins. On labelled rows it
-  is cross-validated with GroupKFold by fname and the reported score is out-of-fold only; on unlabelled rows
-  the selector is trained on the sources' logged (labelled) prediction tables.
+  the dialogue's candidate mean) from per-candidate features, the source's validation score among them; the
+  highest prediction wins. It learns from validation rows only: its validation score is out-of-fold
+  (`cross_val_predict` with `GroupKFold` by dialogue), and the selector fit on all validation rows picks on the
+  test rows and on a `--data` file.
 
-The oracle (per dialogue, the candidate closest to the reference) is logged as `oracle_eval_*`: an upper bound
-that needs the reference, not an achievable score. Ties go to the earlier source.
+Data roles: validation chooses (weights, the selector) and is scored `val_*`; the sources' test tables (or a
+labelled `--data` file, which then replaces them) are scored `test_*` and never choose anything. An unlabelled
+`--data` file (what the pipeline's `predict` step summarises) gets predictions only. The ensemble is compared with
+its best source (by validation) on the same rows by a paired bootstrap (`{val,test}_diff_vs_best_source`). The
+oracle (per dialogue, the candidate closest to the reference) is logged as `oracle_*`: an upper bound that needs
+the reference, not an achievable score. Ties go to the earlier source.
 """
 
 from __future__ import annotations
@@ -22,18 +29,23 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
-from dialogsum.data import DialogueSet, read_dialogues
-from dialogsum.metrics import ROUGE_TYPES, TokenMode, pair_fmeasures, TextStats, korean_tokenizer, score_rows
+from dialogsum.comparison import NotComparable, comparison_metrics, split_comparable
+from dialogsum.data import DialogueSet, read_dialogues, rows_digest
+from dialogsum.metrics import ROUGE_TYPES, TextStats, TokenMode, korean_tokenizer, pair_fmeasures, score_rows
+from dialogsum.stats import bootstrap_mean, compare
 from dialogsum.tracking import (
     KIND_TAG,
     MODEL_TAG,
     PREDICTIONS_ARTIFACT,
     STATUS_TAG,
+    TEST_PREDICTIONS_ARTIFACT,
+    TEST_ROWS_TAG,
+    VAL_ROWS_TAG,
     load_predictions,
     log_config,
     log_predictions,
@@ -42,13 +54,16 @@ from dialogsum.tracking import (
 )
 
 STRATEGIES = ("mbr", "weighted_mbr", "stacking")
-SOURCE_KINDS = ("train", "solar")
+SOURCE_KINDS = ("train", "solar", "ensemble")
+DEFAULT_METRIC = "val_final"
+DEFAULT_TEMPERATURE = 2.0
+MIN_WEIGHT = 1e-12
 SOURCES_ARTIFACT = "ensemble/sources.json"
 SUMMARY_ARTIFACT = "ensemble/summary.json"
+DATA_PREDICTIONS_ARTIFACT = "data_predictions.json"
 STRATEGY_TAG = "dialogsum.ensemble.strategy"
 SOURCES_TAG = "dialogsum.ensemble.sources"
 SOURCE_MODELS_TAG = "dialogsum.ensemble.source_models"
-MIN_WEIGHT = 1e-6
 STACKING_FEATURES = ("consensus", "consensus_gap", "length_ratio", "tokens", "source_score", "n_candidates")
 STACKING_PARAMS = {"n_estimators": 100, "max_depth": 3, "learning_rate": 0.05, "random_state": 0}
 ORACLE_NOTE = (
@@ -68,28 +83,21 @@ class NotEnoughSources(RuntimeError):
         super().__init__(f"an ensemble needs at least two usable sources, got {len(usable)}{reasons}")
 
 
-class FnameMismatch(ValueError):
-    """Sources whose prediction tables cover different dialogues; `missing` maps source → fnames it lacks."""
-
-    def __init__(self, missing: dict[str, list[str]]):
-        self.missing = missing
-        lines = [
-            f"\n  {name} lacks {len(fnames)}: {', '.join(fnames[:10])}{' ...' if len(fnames) > 10 else ''}"
-            for name, fnames in missing.items()
-        ]
-        super().__init__("the sources' prediction tables cover different fnames:" + "".join(lines))
-
-
 @dataclass
 class Source:
-    """One source run: its model name, validation score, metric label and (when loaded) its predictions."""
+    """One source run: its model name, validation score, metric label and its validation and test tables."""
 
-    run_id: str
+    run: Any = field(repr=False)
     model: str
     kind: str
     score: float | None
     label: str = ""
-    table: pd.DataFrame | None = field(default=None, repr=False)
+    val_table: pd.DataFrame | None = field(default=None, repr=False)
+    test_table: pd.DataFrame | None = field(default=None, repr=False)
+
+    @property
+    def run_id(self) -> str:
+        return self.run.info.run_id
 
     def describe(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "model": self.model, "label": self.label, "kind": self.kind, "score": self.score}
@@ -108,11 +116,23 @@ class CandidateSet:
     def labelled(self) -> bool:
         return self.references is not None
 
+    @property
+    def digest(self) -> str | None:
+        return rows_digest(self.fnames, self.references) if self.references is not None else None
+
 
 # --- choosing sources ---------------------------------------------------------------------------------------
 
 
-def source_runs_of_parent(parent_run_id: str, metric: str = "eval_final") -> list[str]:
+def _source_name(run) -> str:
+    return run.data.tags.get(MODEL_TAG) or run.info.run_name or run.info.run_id[:8]
+
+
+def _ranked(runs: list, metric: str) -> list:
+    return sorted(runs, key=lambda r: (run_metric(r, metric) is None, -(run_metric(r, metric) or 0.0), r.info.start_time))
+
+
+def source_runs_of_parent(parent_run_id: str, metric: str = DEFAULT_METRIC) -> list[str]:
     """The succeeded train/solar child runs of a parent, best `metric` first (runs without it last)."""
     import mlflow
 
@@ -122,81 +142,91 @@ def source_runs_of_parent(parent_run_id: str, metric: str = "eval_final") -> lis
         filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`{STATUS_TAG}` = 'succeeded'",
         output_format="list",
     )
-    children = [r for r in runs if r.data.tags.get(KIND_TAG) in SOURCE_KINDS]
-    children.sort(key=lambda r: (run_metric(r, metric) is None, -(run_metric(r, metric) or 0.0), r.info.start_time))
-    return [r.info.run_id for r in children]
+    return [r.info.run_id for r in _ranked([r for r in runs if r.data.tags.get(KIND_TAG) in ("train", "solar")], metric)]
 
 
-def top_k_source_runs(k: int, metric: str = "eval_final") -> list[str]:
-    """The k succeeded train/solar runs of the active experiment with the best `metric`."""
+def top_k_source_runs(k: int, metric: str = DEFAULT_METRIC) -> tuple[list[str], list[NotComparable]]:
+    """The k succeeded train/solar runs of the active experiment with the best `metric`, among the runs scored on
+    the same validation rows; the runs scored on other rows are returned as not comparable."""
     import mlflow
 
     runs = mlflow.search_runs(filter_string=f"tags.`{STATUS_TAG}` = 'succeeded'", output_format="list")
-    scored = [r for r in runs if r.data.tags.get(KIND_TAG) in SOURCE_KINDS and run_metric(r, metric) is not None]
-    scored.sort(key=lambda r: run_metric(r, metric), reverse=True)
-    return [r.info.run_id for r in scored[:k]]
+    scored = [r for r in runs if r.data.tags.get(KIND_TAG) in ("train", "solar") and run_metric(r, metric) is not None]
+    comparable, left_out, _ = split_comparable(scored, VAL_ROWS_TAG, lambda r: run_metric(r, metric), _source_name)
+    return [r.info.run_id for r in _ranked(comparable, metric)[:k]], left_out
 
 
 # --- loading sources ----------------------------------------------------------------------------------------
 
 
-def describe_run(run_id: str, metric: str) -> Source:
-    import mlflow
-
-    run = mlflow.get_run(run_id)
-    tags = run.data.tags
-    model = tags.get(MODEL_TAG) or run.info.run_name or run_id[:8]
-    return Source(run_id, model, tags.get(KIND_TAG, ""), run_metric(run, metric))
-
-
-def usable_table(run_id: str) -> pd.DataFrame:
+def usable_table(run_id: str, artifact: str = PREDICTIONS_ARTIFACT) -> pd.DataFrame:
     """A run's predictions table with a `usable` column: no error and a prediction text."""
     try:
-        table = load_predictions(run_id)
+        table = load_predictions(run_id, artifact)
     except Exception as e:  # a missing artifact surfaces as different MLflow/OS errors per store
-        raise ValueError(f"no predictions table {PREDICTIONS_ARTIFACT} ({type(e).__name__})") from e
+        raise ValueError(f"no predictions table {artifact} ({type(e).__name__})") from e
     missing = [c for c in ("fname", "dialogue", "prediction") if c not in table.columns]
     if missing:
-        raise ValueError(f"its predictions table lacks column(s) {', '.join(missing)}")
+        raise ValueError(f"its {artifact} lacks column(s) {', '.join(missing)}")
     repeated = sorted(set(table["fname"][table["fname"].duplicated()]))
     if repeated:
-        raise ValueError(f"its predictions table repeats fname(s) {', '.join(repeated[:10])}")
+        raise ValueError(f"its {artifact} repeats fname(s) {', '.join(repeated[:10])}")
     errors = table["error"] if "error" in table.columns else pd.Series([None] * len(table))
     no_error = errors.isna().to_numpy() | (errors.astype(str).str.strip() == "").to_numpy()
     has_text = table["prediction"].map(lambda p: isinstance(p, str)).to_numpy()
     table["usable"] = no_error & has_text
     if not table["usable"].any():
-        raise ValueError("its predictions table has no usable row (every row has an error or no prediction)")
+        raise ValueError(f"its {artifact} has no usable row (every row has an error or no prediction)")
+    return table
+
+
+def table_of_its_rows(run, artifact: str, digest_tag: str) -> pd.DataFrame:
+    """`usable_table`, checked to hold exactly the rows the run's digest tag names (so aligning by fname is safe)."""
+    table = usable_table(run.info.run_id, artifact)
+    tagged = run.data.tags.get(digest_tag)
+    references = table["reference"] if "reference" in table.columns else [None] * len(table)
+    if tagged and rows_digest(list(table["fname"]), list(references)) != tagged:
+        raise ValueError(f"its {artifact} does not hold the rows its {digest_tag} names ({tagged})")
     return table
 
 
 def has_model(run_id: str) -> None:
-    """Raise unless the run logged a model under `model` (reads only the model's metadata)."""
-    import mlflow
-
-    from dialogsum.serving import MODEL_ARTIFACT_PATH
+    """Raise unless the run logged a model (reads only its metadata)."""
+    from dialogsum.serving import NoLoggedModel, run_model_uri
 
     try:
-        mlflow.models.get_model_info(f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}")
-    except Exception as e:
-        raise ValueError(f"no model logged at runs:/{run_id}/{MODEL_ARTIFACT_PATH} ({type(e).__name__})") from e
+        run_model_uri(run_id)
+    except NoLoggedModel as e:
+        raise ValueError(str(e)) from e
 
 
 def resolve_sources(run_ids: Sequence[str], metric: str, need_model: bool) -> tuple[list[Source], list[tuple[str, str]]]:
-    """Usable sources (prediction table loaded, or model present when `need_model`) and (run id, reason) for the rest."""
+    """Usable sources (validation table loaded, test table when logged, model present when `need_model`), all
+    scored on the same validation rows, and (run id, reason) for the rest."""
+    import mlflow
+
     sources: list[Source] = []
     unusable: list[tuple[str, str]] = []
     for run_id in dict.fromkeys(run_ids):
         try:
-            source = describe_run(run_id, metric)
+            run = mlflow.get_run(run_id)
+            source = Source(run, _source_name(run), run.data.tags.get(KIND_TAG, ""), run_metric(run, metric))
             if need_model:
                 has_model(run_id)
-            else:
-                source.table = usable_table(run_id)
+            source.val_table = table_of_its_rows(run, PREDICTIONS_ARTIFACT, VAL_ROWS_TAG)
+            try:
+                source.test_table = table_of_its_rows(run, TEST_PREDICTIONS_ARTIFACT, TEST_ROWS_TAG)
+            except ValueError:
+                source.test_table = None
         except Exception as e:  # any run that cannot serve as a source is reported, not fatal
             unusable.append((run_id, str(e) or type(e).__name__))
             continue
         sources.append(source)
+    runs = [s.run for s in sources]
+    comparable, left_out, _ = split_comparable(runs, VAL_ROWS_TAG, lambda r: run_metric(r, metric), _source_name)
+    unusable += [(n.run_id, n.reason) for n in left_out]
+    kept = {r.info.run_id for r in comparable}
+    sources = [s for s in sources if s.run_id in kept]
     assign_labels(sources)
     return sources, unusable
 
@@ -208,42 +238,27 @@ def assign_labels(sources: list[Source]) -> None:
         s.label = s.model if counts[s.model] == 1 else f"{s.model}-{s.run_id[:8]}"
 
 
-def load_tables(sources: list[Source]) -> None:
-    """Load every source's predictions table (for stacking's selector on unlabelled rows)."""
-    problems = []
-    for s in sources:
-        try:
-            s.table = usable_table(s.run_id)
-        except Exception as e:  # collected and reported together
-            problems.append(f"{s.label} ({s.run_id}): {e}")
-    if problems:
-        raise ValueError(
-            "stacking on unlabelled rows trains its selector on the sources' labelled prediction tables, "
-            "which are not available:\n  " + "\n  ".join(problems)
-        )
-
-
-def check_fnames(sources: list[Source]) -> None:
-    """Raise FnameMismatch unless every source's table covers the same fnames."""
-    covered = {s.label: set(s.table["fname"]) for s in sources}
-    union = set().union(*covered.values())
-    missing = {f"{label} ({s.run_id})": sorted(union - covered[label]) for s, label in zip(sources, covered)}
-    missing = {name: fnames for name, fnames in missing.items() if fnames}
-    if missing:
-        raise FnameMismatch(missing)
+def test_tables_usable(sources: list[Source]) -> str | None:
+    """None when every source logged a test table on the same rows; else why the ensemble gets no test score."""
+    lacking = [s.label for s in sources if s.test_table is None]
+    if lacking:
+        return f"no test predictions from {', '.join(lacking)}"
+    digests = {s.run.data.tags.get(TEST_ROWS_TAG) for s in sources}
+    if len(digests) != 1 or None in digests:
+        return f"the sources were tested on different rows ({TEST_ROWS_TAG}: {sorted(str(d) for d in digests)})"
+    return None
 
 
 # --- candidates ---------------------------------------------------------------------------------------------
 
 
-def candidates_from_tables(sources: list[Source]) -> CandidateSet:
-    """Align the sources' tables by fname (in the first source's order)."""
-    first = sources[0].table
-    by_source = [s.table.set_index("fname") for s in sources]
+def candidates_from_tables(sources: list[Source], attribute: str) -> CandidateSet:
+    """Align the sources' tables (`val_table` or `test_table`) by fname, in the first source's order."""
+    first = getattr(sources[0], attribute)
+    by_source = [getattr(s, attribute).set_index("fname") for s in sources]
     fnames = list(first["fname"])
     texts = [[t.at[f, "prediction"] if t.at[f, "usable"] else None for t in by_source] for f in fnames]
-    references = reference_column(first)
-    return CandidateSet(fnames, list(first["dialogue"]), references, texts)
+    return CandidateSet(fnames, list(first["dialogue"]), reference_column(first), texts)
 
 
 def reference_column(table: pd.DataFrame) -> list[str] | None:
@@ -260,9 +275,9 @@ def generate_predictions(source: Source, dialogues: list[str]) -> list[str]:
     """The source's logged pyfunc model's summaries for the dialogues."""
     import mlflow
 
-    from dialogsum.serving import MODEL_ARTIFACT_PATH, predict_summaries
+    from dialogsum.serving import predict_summaries, run_model_uri
 
-    model = mlflow.pyfunc.load_model(f"runs:/{source.run_id}/{MODEL_ARTIFACT_PATH}")
+    model = mlflow.pyfunc.load_model(run_model_uri(source.run_id))
     try:
         return predict_summaries(model, dialogues)
     except ValueError as e:
@@ -323,15 +338,20 @@ def consensus(similarity: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return others.sum(axis=1) / (weights.sum() - weights)
 
 
-def source_weights(sources: list[Source]) -> np.ndarray:
-    """weighted_mbr's weights: each source's validation score (a missing or non-positive one counts ~0)."""
-    return np.array([max(s.score or 0.0, MIN_WEIGHT) for s in sources])
+def source_weights(sources: list[Source], temperature: float = DEFAULT_TEMPERATURE) -> np.ndarray:
+    """weighted_mbr's rule: softmax over the validation scores, exp((score − best) / temperature), normalised to
+    sum to 1 (a source without a score counts as the worst one)."""
+    if temperature <= 0:
+        raise ValueError(f"the weighting temperature must be positive, got {temperature}")
+    scores = np.array([s.score if s.score is not None else np.nan for s in sources], dtype=float)
+    scores = np.where(np.isnan(scores), np.nanmin(scores) if not np.isnan(scores).all() else 0.0, scores)
+    weights = np.maximum(np.exp((scores - scores.max()) / temperature), MIN_WEIGHT)  # no vote is exactly zero
+    return weights / weights.sum()
 
 
-def build_frame(candidates: CandidateSet, sources: list[Source], pairwise: PairwiseRouge) -> pd.DataFrame:
+def build_frame(candidates: CandidateSet, sources: list[Source], pairwise: PairwiseRouge, weights: np.ndarray) -> pd.DataFrame:
     """One row per candidate: dialogue row, source index, text, consensus features and (labelled) its ROUGE."""
     pairwise.tokenizer.prime(t for row in candidates.texts for t in row if t is not None)
-    weights = source_weights(sources)
     records = []
     for row, (texts, dialogue) in enumerate(zip(candidates.texts, candidates.dialogues)):
         present = [i for i, t in enumerate(texts) if t is not None]
@@ -390,78 +410,90 @@ def new_selector():
     return GradientBoostingRegressor(**STACKING_PARAMS)
 
 
-def out_of_fold_predictions(
-    features: np.ndarray, target: np.ndarray, groups: np.ndarray, folds: int, new_estimator: Callable[[], Any] = new_selector
-) -> tuple[np.ndarray, int]:
-    """Predictions for every sample from a model that never saw its group (GroupKFold); returns (predictions, folds used)."""
-    from sklearn.model_selection import GroupKFold
+def out_of_fold_predictions(features: np.ndarray, target: np.ndarray, groups: np.ndarray, folds: int) -> tuple[np.ndarray, int]:
+    """scikit-learn's `cross_val_predict` with `GroupKFold`: each prediction from a selector that never saw its
+    dialogue; returns (predictions, folds used)."""
+    from sklearn.model_selection import GroupKFold, cross_val_predict
 
     n_groups = len(np.unique(groups))
     if n_groups < 2:
         raise ValueError(f"stacking needs at least two labelled dialogues to cross-validate, got {n_groups}")
     n_splits = min(folds, n_groups)
-    predictions = np.empty(len(target))
-    for train_index, test_index in GroupKFold(n_splits=n_splits).split(features, target, groups):
-        model = new_estimator().fit(features[train_index], target[train_index])
-        predictions[test_index] = model.predict(features[test_index])
-    return predictions, n_splits
+    return cross_val_predict(new_selector(), features, target, groups=groups, cv=GroupKFold(n_splits=n_splits)), n_splits
 
 
 @dataclass
 class Selection:
     picks: pd.Index
     params: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
-def out_of_fold_picks(frame: pd.DataFrame, n_sources: int, folds: int, what: str) -> tuple[pd.Index, int]:
-    """Per dialogue, the candidate a selector trained on the other folds' dialogues ranks highest."""
-    if "final" not in frame.columns:
-        raise ValueError(f"{what} needs labelled rows (a reference per dialogue)")
-    features, target = stacking_matrix(frame, n_sources), relative_target(frame)
-    predicted, used = out_of_fold_predictions(features, target, frame["row"].to_numpy(), folds)
-    return pick_highest(frame.assign(stacking=predicted), "stacking"), used
+@dataclass
+class Strategy:
+    """A strategy made ready on the validation rows: the weights and, for stacking, the fitted selector."""
 
+    name: str
+    sources: list[Source]
+    weights: np.ndarray
+    temperature: float
+    folds: int
+    selector: Any = None
+    params: dict[str, Any] = field(default_factory=dict)
 
-def select_stacking(
-    frame: pd.DataFrame, sources: list[Source], folds: int, training_frame: pd.DataFrame | None
-) -> Selection:
-    """Out-of-fold stacking on labelled rows; on unlabelled rows, a selector trained on `training_frame`."""
-    params = {
-        "features": stacking_feature_names(sources),
-        "model": "GradientBoostingRegressor",
-        "model_params": STACKING_PARAMS,
-        "target": "candidate ROUGE final minus the dialogue's candidate mean",
-    }
-    n = len(sources)
-    if training_frame is None:
-        picks, used = out_of_fold_picks(frame, n, folds, "stacking")
-        return Selection(picks, {**params, "folds": used, "scored": "out-of-fold (GroupKFold by fname)"})
-    oof_picks, used = out_of_fold_picks(training_frame, n, folds, "stacking's selector")
-    selector = new_selector().fit(stacking_matrix(training_frame, n), relative_target(training_frame))
-    applied = frame.assign(stacking=selector.predict(stacking_matrix(frame, n)))
-    return Selection(
-        pick_highest(applied, "stacking"),
-        {**params, "folds": used, "trained_on": "the sources' logged prediction tables"},
-        {"selector_oof_eval_final": float(training_frame.loc[oof_picks, "final"].mean())},
-    )
+    def choose_validation(self, frame: pd.DataFrame) -> Selection:
+        """Picks on the validation rows; stacking's are out-of-fold and its selector is then fit on all of them."""
+        if self.name != "stacking":
+            return self.choose(frame)
+        if "final" not in frame.columns:
+            raise ValueError("stacking trains its selector on labelled validation rows (the sources' tables have no references)")
+        n = len(self.sources)
+        features, target = stacking_matrix(frame, n), relative_target(frame)
+        predicted, used = out_of_fold_predictions(features, target, frame["row"].to_numpy(), self.folds)
+        self.selector = new_selector().fit(features, target)
+        self.params.update({"features": stacking_feature_names(self.sources), "model": "GradientBoostingRegressor",
+                            "model_params": STACKING_PARAMS, "folds": used,
+                            "target": "candidate ROUGE final minus the dialogue's candidate mean",
+                            "validation_scored": "out-of-fold (cross_val_predict, GroupKFold by dialogue)",
+                            "trained_on": "the sources' validation prediction tables"})  # fmt: skip
+        return Selection(pick_highest(frame.assign(stacking=predicted), "stacking"))
 
+    def choose(self, frame: pd.DataFrame) -> Selection:
+        """Picks on rows that chose nothing (test rows, a --data file)."""
+        if self.name == "mbr":
+            return Selection(pick_highest(frame, "consensus"))
+        if self.name == "weighted_mbr":
+            return Selection(pick_highest(frame, "weighted_consensus"))
+        if self.name == "stacking":
+            if self.selector is None:
+                raise ValueError("stacking picks with a selector fit on validation rows: choose on them first")
+            return Selection(pick_highest(frame.assign(stacking=self.selector.predict(stacking_matrix(frame, len(self.sources)))), "stacking"))
+        raise ValueError(f"unknown strategy '{self.name}' ({', '.join(STRATEGIES)})")
 
-def select(
-    frame: pd.DataFrame, strategy: str, sources: list[Source], *, folds: int = 5, training_frame: pd.DataFrame | None = None
-) -> Selection:
-    """The chosen candidate per dialogue for a strategy."""
-    if strategy == "mbr":
-        return Selection(pick_highest(frame, "consensus"), {"utility": "mean (R1+R2+RL)/3 F1 vs the other candidates"})
-    if strategy == "weighted_mbr":
-        weights = {s.label: float(w) for s, w in zip(sources, source_weights(sources))}
-        return Selection(pick_highest(frame, "weighted_consensus"), {"utility": "score-weighted mean (R1+R2+RL)/3 F1", "weights": weights})
-    if strategy == "stacking":
-        return select_stacking(frame, sources, folds, training_frame)
-    raise ValueError(f"unknown strategy '{strategy}' ({', '.join(STRATEGIES)})")
+    def describe(self) -> dict[str, Any]:
+        params: dict[str, Any] = {"utility": "mean (R1+R2+RL)/3 F1 vs the other candidates"}
+        if self.name == "weighted_mbr":
+            params.update({"weights": {s.label: float(w) for s, w in zip(self.sources, self.weights)},
+                           "weight_rule": "softmax over validation scores: exp((score - best) / temperature), normalised",
+                           "temperature": self.temperature})  # fmt: skip
+        return {**params, **self.params}
 
 
 # --- results ------------------------------------------------------------------------------------------------
+
+
+def row_finals(frame: pd.DataFrame, picks: pd.Index, n_rows: int) -> np.ndarray:
+    """Per dialogue, the chosen candidate's ROUGE final; 0 for a dialogue without any candidate."""
+    finals = np.zeros(n_rows)
+    chosen = frame.loc[picks]
+    finals[chosen["row"].to_numpy()] = chosen["final"].to_numpy()
+    return finals
+
+
+def source_row_finals(frame: pd.DataFrame, source: int, n_rows: int) -> np.ndarray:
+    finals = np.zeros(n_rows)
+    own = frame[frame["source"] == source]
+    finals[own["row"].to_numpy()] = own["final"].to_numpy()
+    return finals
 
 
 def mean_scores(chosen: pd.DataFrame, n_rows: int) -> dict[str, float]:
@@ -473,22 +505,36 @@ def metric_name(label: str) -> str:
     return re.sub(r"[^\w.\- /:]", "_", label)
 
 
-def result_metrics(frame: pd.DataFrame, picks: pd.Index, sources: list[Source], n_rows: int) -> dict[str, float]:
-    """Ensemble, oracle and per-source scores on the same rows, and each source's share of rows won."""
-    won = frame.loc[picks, "source"].value_counts()
-    metrics = {f"win_share_{metric_name(s.label)}": float(won.get(i, 0)) / n_rows for i, s in enumerate(sources)}
-    metrics.update({"n_rows": float(n_rows), "n_sources": float(len(sources)),
-                    "rows_without_candidates": float(n_rows - frame["row"].nunique())})
+def best_source_index(sources: list[Source]) -> int:
+    """The source with the best validation score (the first on ties or when none is scored)."""
+    scores = [s.score if s.score is not None else float("-inf") for s in sources]
+    return int(np.argmax(scores))
+
+
+def role_metrics(prefix: str, frame: pd.DataFrame, picks: pd.Index, sources: list[Source], n_rows: int) -> dict[str, float]:
+    """`prefix`_* scores of the ensemble, the oracle and each source on the same rows, the ensemble's interval,
+    and the paired-bootstrap difference to the best source (by validation)."""
+    metrics: dict[str, float] = {f"{prefix}_rows": float(n_rows)}
     if "final" not in frame.columns:
         return metrics
     ensemble = mean_scores(frame.loc[picks], n_rows)
     oracle = mean_scores(frame.loc[pick_highest(frame, "final")], n_rows)
-    for c in SCORE_COLUMNS:
-        metrics[f"eval_{c}"] = ensemble[c]
-        metrics[f"oracle_eval_{c}"] = oracle[c]
+    finals = row_finals(frame, picks, n_rows)
+    interval = bootstrap_mean(finals)
+    metrics.update({f"{prefix}_{c}": ensemble[c] for c in SCORE_COLUMNS})
+    metrics.update({f"oracle_{prefix}_{c}": oracle[c] for c in SCORE_COLUMNS})
+    metrics.update({f"{prefix}_final_ci95_low": interval.low, f"{prefix}_final_ci95_high": interval.high})
     for i, s in enumerate(sources):
-        metrics[f"source_{metric_name(s.label)}_eval_final"] = mean_scores(frame[frame["source"] == i], n_rows)["final"]
+        metrics[f"source_{metric_name(s.label)}_{prefix}_final"] = float(source_row_finals(frame, i, n_rows).mean())
+    best = best_source_index(sources)
+    comparison = compare("ensemble", finals, sources[best].label, source_row_finals(frame, best, n_rows))
+    metrics.update(comparison_metrics(f"{prefix}_diff_vs_best_source", comparison))
     return metrics
+
+
+def win_shares(frame: pd.DataFrame, picks: pd.Index, sources: list[Source], n_rows: int) -> dict[str, float]:
+    won = frame.loc[picks, "source"].value_counts()
+    return {f"win_share_{metric_name(s.label)}": float(won.get(i, 0)) / n_rows for i, s in enumerate(sources)}
 
 
 def prediction_rows(candidates: CandidateSet, frame: pd.DataFrame, picks: pd.Index, sources: list[Source]) -> list[dict[str, Any]]:
@@ -513,72 +559,64 @@ def prediction_rows(candidates: CandidateSet, frame: pd.DataFrame, picks: pd.Ind
     return rows
 
 
-def summary_document(strategy: str, metrics: dict[str, float], sources: list[Source], selection: Selection) -> dict[str, Any]:
-    scored = "eval_final" in metrics
+def summary_document(strategy: Strategy, metrics: dict[str, float], no_test: str | None) -> dict[str, Any]:
     per_source = {
         s.label: {
             "run_id": s.run_id,
             "validation_score": s.score,
-            "eval_final_on_these_rows": metrics.get(f"source_{metric_name(s.label)}_eval_final"),
-            "win_share": metrics[f"win_share_{metric_name(s.label)}"],
+            **{f"{p}_final_on_these_rows": metrics.get(f"source_{metric_name(s.label)}_{p}_final") for p in ("val", "test")},
+            "win_share": metrics.get(f"win_share_{metric_name(s.label)}"),
         }
-        for s in sources
+        for s in strategy.sources
     }
-    document: dict[str, Any] = {"strategy": strategy, "rows": int(metrics["n_rows"]), "sources": per_source}
-    if scored:
-        document["ensemble"] = {c: metrics[f"eval_{c}"] for c in SCORE_COLUMNS}
-        document["ensemble_score_kind"] = selection.params.get("scored", "selection without references")
-        document["oracle"] = {"note": ORACLE_NOTE, **{c: metrics[f"oracle_eval_{c}"] for c in SCORE_COLUMNS}}
+    document: dict[str, Any] = {"strategy": strategy.name, "sources": per_source, "strategy_params": strategy.describe()}
+    for prefix in ("val", "test"):
+        if f"{prefix}_final" in metrics:
+            document[prefix] = {c: metrics[f"{prefix}_{c}"] for c in SCORE_COLUMNS}
+            document[f"oracle_{prefix}"] = {"note": ORACLE_NOTE, **{c: metrics[f"oracle_{prefix}_{c}"] for c in SCORE_COLUMNS}}
+    if no_test:
+        document["test"] = f"not scored: {no_test}"
     return document
 
 
-def description(strategy: str, metrics: dict[str, float], sources: list[Source]) -> str:
-    lines = [f"Ensemble `{strategy}` of {len(sources)} sources over {int(metrics['n_rows'])} dialogues.", "",
-             "| source | run | eval_final (same rows) | win share |", "| --- | --- | --- | --- |"]
-    for s in sources:
-        final = metrics.get(f"source_{metric_name(s.label)}_eval_final")
-        shown = f"{final:.2f}" if final is not None else "-"
-        lines.append(f"| {s.label} | {s.run_id} | {shown} | {metrics[f'win_share_{metric_name(s.label)}']:.2f} |")
-    if "eval_final" in metrics:
-        lines += ["", f"Ensemble eval_final: {metrics['eval_final']:.2f}.",
-                  f"Oracle eval_final: {metrics['oracle_eval_final']:.2f} ({ORACLE_NOTE})"]
+def description(strategy: Strategy, metrics: dict[str, float]) -> str:
+    lines = [f"Ensemble `{strategy.name}` of {len(strategy.sources)} sources.", "",
+             "| source | run | val_final (same rows) | test_final (same rows) | win share |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    for s in strategy.sources:
+        cells = [metrics.get(f"source_{metric_name(s.label)}_{p}_final") for p in ("val", "test")]
+        shown = [f"{c:.2f}" if c is not None else "-" for c in cells]
+        lines.append(f"| {s.label} | {s.run_id} | {shown[0]} | {shown[1]} | {metrics.get(f'win_share_{metric_name(s.label)}', 0):.2f} |")
+    for prefix in ("val", "test"):
+        if f"{prefix}_final" in metrics:
+            lines += ["", f"Ensemble {prefix}_final: {metrics[f'{prefix}_final']:.2f} "
+                      f"[{metrics[f'{prefix}_final_ci95_low']:.2f}, {metrics[f'{prefix}_final_ci95_high']:.2f}]; vs the best "
+                      f"source {metrics[f'{prefix}_diff_vs_best_source']:+.2f} [{metrics[f'{prefix}_diff_vs_best_source_ci95_low']:+.2f}, "
+                      f"{metrics[f'{prefix}_diff_vs_best_source_ci95_high']:+.2f}]. Oracle {prefix}_final: "
+                      f"{metrics[f'oracle_{prefix}_final']:.2f} ({ORACLE_NOTE})"]  # fmt: skip
     return "\n".join(lines)
 
 
 # --- the tracked run ----------------------------------------------------------------------------------------
 
 
-def ensemble_config(
-    strategy: str, metric: str, mode: str, data_path: str | Path | None, sources: list[Source], selection: Selection
-) -> dict[str, Any]:
+def ensemble_config(strategy: Strategy, metric: str, mode: str, data_path: str | Path | None) -> dict[str, Any]:
     """The run's parameters, under `ensemble.` so they never collide with the MLproject entry point's own."""
     return {
         "ensemble": {
-            "strategy": strategy,
+            "strategy": strategy.name,
             "metric": metric,
             "token_mode": mode,
-            "candidates": str(data_path) if data_path else "the sources' logged prediction tables",
-            "sources": {s.label: s.run_id for s in sources},
-            strategy: selection.params,
+            "data": str(data_path) if data_path else "the sources' logged prediction tables",
+            "sources": {s.label: s.run_id for s in strategy.sources},
+            strategy.name: strategy.describe(),
         }
     }
-
-
-def check_stacking_labels(sources: list[Source], dataset: DialogueSet | None) -> None:
-    """Stacking learns from labelled rows: the data CSV's, else the sources' tables (loaded here for an unlabelled CSV)."""
-    if dataset is not None and dataset.report.labelled:
-        return
-    if dataset is not None:
-        load_tables(sources)
-        check_fnames(sources)
-    if reference_column(sources[0].table) is None:
-        raise ValueError("stacking trains its selector on labelled rows, but the sources' prediction tables have no references")
 
 
 def prepare_sources(
     run_ids: Sequence[str], strategy: str, data_path: str | Path | None, metric: str, folds: int
 ) -> tuple[list[Source], list[tuple[str, str]], DialogueSet | None]:
-    """Resolve and check sources and data before any run exists (NotEnoughSources, FnameMismatch, ...)."""
+    """Resolve and check sources and data before any run exists (NotEnoughSources, DataError, ValueError)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy '{strategy}' ({', '.join(STRATEGIES)})")
     if strategy == "stacking" and folds < 2:
@@ -590,12 +628,17 @@ def prepare_sources(
         unscored = [f"{s.label} ({s.run_id})" for s in sources if s.score is None]
         if unscored:
             raise ValueError(f"weighted_mbr weighs sources by '{metric}', which these did not log: {', '.join(unscored)}")
+    if strategy == "stacking" and reference_column(sources[0].val_table) is None:
+        raise ValueError("stacking trains its selector on labelled validation rows, but the sources' tables have no references")
     dataset = read_dialogues(data_path) if data_path else None
-    if dataset is None:
-        check_fnames(sources)
-    if strategy == "stacking":
-        check_stacking_labels(sources, dataset)
     return sources, unusable, dataset
+
+
+@dataclass
+class RoleResult:
+    candidates: CandidateSet
+    frame: pd.DataFrame
+    picks: pd.Index
 
 
 def run_ensemble(
@@ -604,19 +647,22 @@ def run_ensemble(
     *,
     data_path: str | Path | None = None,
     parent_run_id: str | None = None,
-    metric: str = "eval_final",
+    metric: str = DEFAULT_METRIC,
     folds: int = 5,
+    temperature: float = DEFAULT_TEMPERATURE,
     run_name: str | None = None,
     mode: TokenMode = "morpheme",
 ) -> str:
     """Ensemble the sources' summaries in a new tracked run and return its run id.
 
-    Raises NotEnoughSources (fewer than two usable sources), FnameMismatch, DataError or ValueError (unusable
-    settings) before creating any run.
+    Raises NotEnoughSources (fewer than two usable sources, or fewer than two scored on the same validation rows),
+    DataError or ValueError (unusable settings) before creating any run.
     """
     import mlflow
 
     sources, unusable, dataset = prepare_sources(run_ids, strategy, data_path, metric, folds)
+    plan = Strategy(strategy, sources, source_weights(sources, temperature), temperature, folds)
+    no_test = "a labelled --data file is the test rows" if dataset is not None and dataset.report.labelled else test_tables_usable(sources)
     tags = {  # no model tag: a pipeline's stage run keeps the name it was opened with
         STRATEGY_TAG: strategy,
         SOURCES_TAG: ",".join(s.run_id for s in sources),
@@ -624,22 +670,58 @@ def run_ensemble(
     }
     with tracked_run(run_name=run_name or f"ensemble-{strategy}", kind="ensemble", tags=tags, parent_run_id=parent_run_id) as ctx:
         mlflow.log_dict({"metric": metric, "sources": [s.describe() for s in sources],
-                         "unusable": [{"run_id": r, "reason": why} for r, why in unusable]}, SOURCES_ARTIFACT)
+                         "unusable": [{"run_id": r, "reason": why} for r, why in unusable]}, SOURCES_ARTIFACT)  # fmt: skip
         pairwise = PairwiseRouge(mode)
-        with ctx.stage_of("candidates"):
-            candidates = candidates_from_models(sources, dataset) if dataset else candidates_from_tables(sources)
-            training_frame = None
-            if strategy == "stacking" and not candidates.labelled:
-                training_frame = build_frame(candidates_from_tables(sources), sources, pairwise)
-        with ctx.stage_of("consensus"):
-            frame = build_frame(candidates, sources, pairwise)
+        results: dict[str, RoleResult] = {}
+        with ctx.stage_of("validation"):
+            candidates = candidates_from_tables(sources, "val_table")
+            frame = build_frame(candidates, sources, pairwise, plan.weights)
+            results["val"] = RoleResult(candidates, frame, plan.choose_validation(frame).picks)
         with ctx.stage_of("select"):
-            selection = select(frame, strategy, sources, folds=folds, training_frame=training_frame)
+            if no_test is None:
+                candidates = candidates_from_tables(sources, "test_table")
+                frame = build_frame(candidates, sources, pairwise, plan.weights)
+                results["test"] = RoleResult(candidates, frame, plan.choose(frame).picks)
+            if dataset is not None:
+                candidates = candidates_from_models(sources, dataset)
+                frame = build_frame(candidates, sources, pairwise, plan.weights)
+                results["test" if candidates.labelled else "data"] = RoleResult(candidates, frame, plan.choose(frame).picks)
         with ctx.stage_of("log"):
-            log_config(ensemble_config(strategy, metric, mode, data_path, sources, selection))
-            metrics = result_metrics(frame, selection.picks, sources, len(candidates.fnames))
-            mlflow.log_metrics({**metrics, **selection.metrics})
-            mlflow.log_dict(summary_document(strategy, metrics, sources, selection), SUMMARY_ARTIFACT)
-            mlflow.set_tag("mlflow.note.content", description(strategy, metrics, sources))
-            log_predictions(prediction_rows(candidates, frame, selection.picks, sources))
+            log_config(ensemble_config(plan, metric, mode, data_path))
+            val = results["val"]
+            metrics = win_shares(val.frame, val.picks, sources, len(val.candidates.fnames))
+            metrics["n_sources"] = float(len(sources))
+            for prefix in ("val", "test"):
+                if prefix in results:
+                    r = results[prefix]
+                    metrics.update(role_metrics(prefix, r.frame, r.picks, sources, len(r.candidates.fnames)))
+            mlflow.log_metrics(metrics)
+            digests = {VAL_ROWS_TAG: val.candidates.digest, TEST_ROWS_TAG: results["test"].candidates.digest if "test" in results else None}
+            mlflow.set_tags({k: v for k, v in digests.items() if v})
+            if no_test:
+                mlflow.set_tag("dialogsum.ensemble.test", f"not scored: {no_test}")
+            mlflow.log_dict(summary_document(plan, metrics, no_test), SUMMARY_ARTIFACT)
+            mlflow.set_tag("mlflow.note.content", description(plan, metrics))
+            artifacts = {"val": PREDICTIONS_ARTIFACT, "test": TEST_PREDICTIONS_ARTIFACT, "data": DATA_PREDICTIONS_ARTIFACT}
+            for prefix, r in results.items():
+                log_predictions(prediction_rows(r.candidates, r.frame, r.picks, sources), artifacts[prefix])
         return ctx.run_id
+
+
+def ensemble_summaries(ensemble_run_id: str, dataset: DialogueSet) -> list[str]:
+    """The summaries a logged ensemble run (its strategy, sources, weights and validation-fit selector) writes for
+    `dataset`'s dialogues, in order: what `dialogsum predict --ensemble-run` submits."""
+    import mlflow
+
+    run = mlflow.get_run(ensemble_run_id)
+    params = run.data.params
+    sources, _ = resolve_sources(run.data.tags[SOURCES_TAG].split(","), params.get("ensemble.metric", DEFAULT_METRIC), need_model=True)
+    temperature = float(params.get("ensemble.weighted_mbr.temperature", DEFAULT_TEMPERATURE))
+    folds = int(params.get("ensemble.stacking.folds", 5))
+    plan = Strategy(run.data.tags[STRATEGY_TAG], sources, source_weights(sources, temperature), temperature, folds)
+    pairwise = PairwiseRouge(params.get("ensemble.token_mode", "morpheme"))
+    plan.choose_validation(build_frame(candidates_from_tables(sources, "val_table"), sources, pairwise, plan.weights))
+    candidates = candidates_from_models(sources, dataset)
+    candidates.references = None  # summaries only: a labelled file's references play no part
+    frame = build_frame(candidates, sources, pairwise, plan.weights)
+    return [row["prediction"] for row in prediction_rows(candidates, frame, plan.choose(frame).picks, sources)]

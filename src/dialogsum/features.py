@@ -1,4 +1,5 @@
-"""From dialogues to token ids: prompts, targets ending in EOS, dynamic padding and length-grouped batches.
+"""From dialogues to token ids: prompts, targets ending in EOS, cached tokenization, transformers' collator and
+length-grouped sampler.
 
 Seq2seq: the encoder reads the dialogue; labels are the summary + EOS. Causal: the prompt (chat template or
 instruction template) followed by summary + EOS, with the prompt positions masked out of the loss (-100).
@@ -7,9 +8,9 @@ Dialogues that do not fit `max_source_length` are cut at the dialogue, never at 
 
 from __future__ import annotations
 
-import random
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import hashlib
+import json
+from pathlib import Path
 
 from dialogsum.config import ModelConfig
 
@@ -57,89 +58,91 @@ def target_ids(cfg: ModelConfig, tokenizer, summary: str) -> list[int]:
     return ids + [tokenizer.eos_token_id]
 
 
-@dataclass
-class Example:
-    input_ids: list[int]
-    labels: list[int]
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-
-def encode_example(cfg: ModelConfig, tokenizer, dialogue: str, summary: str) -> Example:
+def encode_example(cfg: ModelConfig, tokenizer, dialogue: str, summary: str) -> dict[str, list[int]]:
+    """{"input_ids", "labels"} of one training example; causal models see the prompt masked out of the loss."""
     source = prompt_ids(cfg, tokenizer, dialogue)
     target = target_ids(cfg, tokenizer, summary)
     if cfg.task == "seq2seq":
-        return Example(source, target)
-    return Example(source + target, [IGNORE_INDEX] * len(source) + target)
+        return {"input_ids": source, "labels": target}
+    return {"input_ids": source + target, "labels": [IGNORE_INDEX] * len(source) + target}
 
 
-class Collator:
-    """Pads a batch to its own longest example (or to fixed lengths when `pad_to` is set)."""
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Digest of everything that decides how the tokenizer splits text (its full serialized state)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    state = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(state.encode("utf-8")).hexdigest()[:16]
 
-    def __init__(self, pad_token_id: int, seq2seq: bool, pad_to: tuple[int, int] | None = None):
-        self.pad_token_id = pad_token_id
-        self.seq2seq = seq2seq
-        self.pad_to = pad_to
 
-    def __call__(self, batch: Sequence[Example]) -> dict:
+def tokenize_rows(cfg: ModelConfig, tokenizer, dialogues: list[str], summaries: list[str], cache_folder: Path | None = None):
+    """The rows encoded as a `datasets.Dataset` of {"input_ids", "labels"}, cached on disk under `cache_folder`
+    by what decides the encoding (rows, tokenizer, prompt and lengths), so a rerun, a resumed run or another
+    trial of a sweep reads 12k encoded rows back instead of tokenizing them again."""
+    from datasets import Dataset
+
+    key = hashlib.sha256(json.dumps([dialogues, summaries, tokenizer_fingerprint(tokenizer), cfg.task,
+                                     cfg.prompt.model_dump(), cfg.training.max_source_length,
+                                     cfg.training.max_target_length], ensure_ascii=False).encode("utf-8")).hexdigest()[:20]  # fmt: skip
+    rows = Dataset.from_dict({"dialogue": dialogues, "summary": summaries})
+    cache_file = str(cache_folder / f"{key}.arrow") if cache_folder is not None else None
+    if cache_folder is not None:
+        cache_folder.mkdir(parents=True, exist_ok=True)
+    return rows.map(
+        lambda row: encode_example(cfg, tokenizer, row["dialogue"], row["summary"]),
+        remove_columns=["dialogue", "summary"],
+        cache_file_name=cache_file,
+        load_from_cache_file=cache_file is not None,
+        new_fingerprint=key,
+        desc="tokenize",
+    )
+
+
+class _FixedLabelLength:
+    """Pads `labels` to a fixed length before transformers' collator pads the rest (the padded-to-max baseline)."""
+
+    def __init__(self, collator, label_length: int):
+        self.collator = collator
+        self.label_length = label_length
+
+    def __call__(self, features):
+        for f in features:
+            f["labels"] = list(f["labels"]) + [IGNORE_INDEX] * (self.label_length - len(f["labels"]))
+        return self.collator(features)
+
+
+def build_collator(cfg: ModelConfig, tokenizer):
+    """transformers' `DataCollatorForSeq2Seq` (labels padded with -100): to each batch's longest example, or with
+    `training.pad_to_max_length` to the configured lengths."""
+    from transformers import DataCollatorForSeq2Seq
+
+    t = cfg.training
+    if not t.pad_to_max_length:
+        return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+    source = t.max_source_length if cfg.task == "seq2seq" else t.max_source_length + t.max_target_length
+    fixed = DataCollatorForSeq2Seq(tokenizer, padding="max_length", max_length=source, label_pad_token_id=IGNORE_INDEX)
+    return _FixedLabelLength(fixed, t.max_target_length) if cfg.task == "seq2seq" else fixed
+
+
+class EpochSeededSampler:
+    """transformers' `LengthGroupedSampler` (batches of similar lengths, the longest first so an out-of-memory
+    error shows on step 1), or a plain shuffle; reseeded with seed + epoch by `set_epoch`, identically on every
+    process of a distributed launch."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool):
         import torch
+        from torch.utils.data import RandomSampler
+        from transformers.trainer_pt_utils import LengthGroupedSampler
 
-        source_len = max(len(e.input_ids) for e in batch)
-        label_len = max(len(e.labels) for e in batch)
-        if self.pad_to is not None:
-            source_len, label_len = self.pad_to
-            if not self.seq2seq:
-                source_len = label_len = max(source_len + label_len, max(len(e.input_ids) for e in batch))
-        input_ids = torch.full((len(batch), source_len), self.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((len(batch), source_len), dtype=torch.long)
-        labels = torch.full((len(batch), label_len), IGNORE_INDEX, dtype=torch.long)
-        for i, e in enumerate(batch):
-            input_ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
-            attention[i, : len(e.input_ids)] = 1
-            labels[i, : len(e.labels)] = torch.tensor(e.labels)
-        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
-
-
-def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, mega: int = 50) -> list[list[int]]:
-    """Shuffled batches of similar-length examples: shuffle, sort within mega-batches, shuffle batch order.
-    The longest batch comes first so an out-of-memory error shows on step 1, not mid-epoch."""
-    rng = random.Random(seed)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    span = batch_size * mega
-    batches: list[list[int]] = []
-    for start in range(0, len(order), span):
-        chunk = sorted(order[start : start + span], key=lambda i: -lengths[i])
-        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
-    rng.shuffle(batches)
-    longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
-    batches[0], batches[longest] = batches[longest], batches[0]
-    return batches
-
-
-class BatchPlan:
-    """A batch sampler for DataLoader: length-grouped (reshuffled each epoch) or plain shuffled batches."""
-
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, group_by_length: bool):
-        self.lengths = list(lengths)
-        self.batch_size = batch_size
         self.seed = seed
-        self.group_by_length = group_by_length
-        self.epoch = 0
+        self.generator = torch.Generator().manual_seed(seed)
+        self.sampler = (LengthGroupedSampler(batch_size, lengths=lengths, generator=self.generator) if group_by_length
+                        else RandomSampler(range(len(lengths)), generator=self.generator))  # fmt: skip
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.generator.manual_seed(self.seed + epoch)
 
-    def __iter__(self) -> Iterator[list[int]]:
-        seed = self.seed + self.epoch
-        if self.group_by_length:
-            yield from length_grouped_batches(self.lengths, self.batch_size, seed)
-            return
-        order = list(range(len(self.lengths)))
-        random.Random(seed).shuffle(order)
-        for i in range(0, len(order), self.batch_size):
-            yield order[i : i + self.batch_size]
+    def __iter__(self):
+        return iter(self.sampler)
 
     def __len__(self) -> int:
-        return (len(self.lengths) + self.batch_size - 1) // self.batch_size
+        return len(self.sampler)

@@ -38,7 +38,7 @@ def _get_kiwi():
         if _kiwi is None:
             from kiwipiepy import Kiwi
 
-            _kiwi = Kiwi(num_workers=-1)
+            _kiwi = Kiwi(num_workers=-1, load_typo_dict=False)  # typo correction is off; its dictionary only costs load time
     return _kiwi
 
 

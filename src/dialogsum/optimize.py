@@ -281,23 +281,30 @@ def sweep_batch_sizes(
 
 @dataclass
 class Quality:
-    """A variant's predictions scored on the same rows: Korean ROUGE against the references, the drop of ROUGE
-    final against fp32 (points), and agreement with fp32's predictions (ROUGE final and exact-match share)."""
+    """A variant's predictions scored on the same rows: Korean ROUGE against the references with the per-row finals
+    and the interval of the mean, the drop of ROUGE final against fp32 (points), the paired-bootstrap difference
+    to fp32, and agreement with fp32's predictions (ROUGE final and exact-match share)."""
 
     rouge: dict[str, float]
+    row_finals: list[float]
+    interval: Any
     rouge_drop: float
+    difference: Any
     agreement_final: float
     exact_match: float
 
 
 def quality_of(predictions: list[str], baseline: list[str], references: list[str]) -> Quality:
-    from dialogsum.metrics import rouge
+    from dialogsum.metrics import aggregate, rouge, score_rows
+    from dialogsum.stats import bootstrap_mean, paired_difference
 
-    scores = rouge(predictions, references)
-    base = rouge(baseline, references)
+    rows, base_rows = score_rows(predictions, references), score_rows(baseline, references)
+    finals, base_finals = [r["final"] for r in rows], [r["final"] for r in base_rows]
+    scores, base = aggregate(rows), aggregate(base_rows)
     agreement = rouge(predictions, baseline)["final"] if any(b.strip() for b in baseline) else 0.0
     exact = sum(p == b for p, b in zip(predictions, baseline)) / max(len(predictions), 1)
-    return Quality(scores, base["final"] - scores["final"], agreement, exact)
+    return Quality(scores, finals, bootstrap_mean(finals), base["final"] - scores["final"],
+                   paired_difference(finals, base_finals), agreement, exact)  # fmt: skip
 
 
 @dataclass
@@ -347,6 +354,8 @@ class VariantResult:
     load_s: float
     sweep_s: float
     quality: Quality | None = None
+    test_outputs: list[str] | None = None
+    test_quality: Quality | None = None
 
 
 def model_bytes(model) -> int:
@@ -400,9 +409,12 @@ def measure_variants(
     generation: dict[str, Any] | None = None,
     settings: SweepSettings | None = None,
     on_point: Callable[[BatchPoint], None] | None = None,
+    test_data=None,
 ) -> OptimizeReport:
-    """Load each variant once, sweep it on the rows of `data` (a DialogueSet), save it to `workdir/<variant>`
-    and measure its size; then score every variant's predictions against the references and fp32's."""
+    """Load each variant once, sweep it on the rows of `data` (the validation rows, a DialogueSet), summarise
+    `test_data` when given, save it to `workdir/<variant>` and measure its size; then score every variant's
+    predictions against the references and fp32's (validation quality decides the recommendation; test quality
+    is reported)."""
     from dialogsum.generate import summarize
     from dialogsum.quantize import folder_bytes, save_variant
 
@@ -421,14 +433,21 @@ def measure_variants(
 
         sweep = sweep_batch_sizes(generate, len(data), batch_sizes, variant=name, device=device, settings=settings, on_point=on_point)
         swept = time.perf_counter()
+        test_outputs = None
+        if test_data is not None and sweep.outputs is not None:
+            largest = max(p.batch_size for p in sweep.points if p.ok)
+            test_outputs = summarize(model, tokenizer, cfg, test_data.dialogues, largest, generation)
         folder = save_variant(model, tokenizer, cfg, name, workdir / name)
-        results[name] = VariantResult(sweep, folder, folder_bytes(folder), model_bytes(model), loaded - start, swept - loaded)
+        results[name] = VariantResult(sweep, folder, folder_bytes(folder), model_bytes(model), loaded - start,
+                                      swept - loaded, test_outputs=test_outputs)  # fmt: skip
         del model, generate
         release_memory(device)
-    baseline = results[variants[0]].sweep.outputs
+    baseline = results[variants[0]]
     for result in results.values():
-        if baseline is not None and result.sweep.outputs is not None:
-            result.quality = quality_of(result.sweep.outputs, baseline, data.summaries)
+        if baseline.sweep.outputs is not None and result.sweep.outputs is not None:
+            result.quality = quality_of(result.sweep.outputs, baseline.sweep.outputs, data.summaries)
+        if baseline.test_outputs is not None and result.test_outputs is not None:
+            result.test_quality = quality_of(result.test_outputs, baseline.test_outputs, test_data.summaries)
     return OptimizeReport(cfg, total_params, results)
 
 
@@ -487,7 +506,11 @@ def _plot(report: OptimizeReport, path: Path) -> Path:
 
 
 def _summary_metrics(report: OptimizeReport, choice: Recommendation) -> dict[str, float]:
+    """Per variant: size, memory, load and sweep time, speed-up, val/test ROUGE with intervals and the paired
+    difference to fp32; then the recommended batch point, and the logged variant's val_*/test_*."""
+    from dialogsum.comparison import comparison_metrics
     from dialogsum.quantize import BASELINE, VARIANTS
+    from dialogsum.stats import Comparison
 
     base = report.results[BASELINE]
     metrics: dict[str, float] = {"sweep_overhead": report.sweep_overhead}
@@ -501,23 +524,31 @@ def _summary_metrics(report: OptimizeReport, choice: Recommendation) -> dict[str
         point, base_point = result.sweep.point(choice.batch_size), base.sweep.point(choice.batch_size)
         if point and base_point:
             metrics[f"{prefix}_speedup"] = point.throughput_sps / base_point.throughput_sps
+        for role, quality in (("val", result.quality), ("test", result.test_quality)):
+            if quality is None:
+                continue
+            metrics.update({f"{prefix}_{role}_{k}": v for k, v in quality.rouge.items()})
+            metrics.update({f"{prefix}_{role}_final_ci95_low": quality.interval.low, f"{prefix}_{role}_final_ci95_high": quality.interval.high})
+            if name != BASELINE:
+                metrics.update(comparison_metrics(f"{prefix}_{role}_diff_vs_fp32", Comparison(name, BASELINE, quality.difference)))
         if result.quality:
-            metrics.update({f"{prefix}_eval_{k}": v for k, v in result.quality.rouge.items()})
             metrics.update({f"{prefix}_rouge_drop": result.quality.rouge_drop, f"{prefix}_agreement_final": result.quality.agreement_final,
                             f"{prefix}_exact_match": result.quality.exact_match})  # fmt: skip
     chosen = report.results[choice.variant]
     point = chosen.sweep.point(choice.batch_size)
     metrics.update({"recommended_throughput_sps": point.throughput_sps, "recommended_latency_p95_s": point.latency_s(95),
                     "recommended_size_bytes": chosen.size_bytes})  # fmt: skip
-    if chosen.quality:
-        metrics.update({f"eval_{k}": v for k, v in chosen.quality.rouge.items()})
+    for role, quality in (("val", chosen.quality), ("test", chosen.test_quality)):
+        if quality is not None:
+            metrics.update({f"{role}_{k}": v for k, v in quality.rouge.items()})
+            metrics.update({f"{role}_final_ci95_low": quality.interval.low, f"{role}_final_ci95_high": quality.interval.high})
     return metrics
 
 
-def _prediction_rows(report: OptimizeReport, data, logged: str) -> list[dict[str, Any]]:
+def _prediction_rows(data, outputs: dict[str, list[str]], logged: str) -> list[dict[str, Any]]:
+    """One row per dialogue: the logged variant's prediction and per-row ROUGE, and every variant's prediction."""
     from dialogsum.metrics import score_rows
 
-    outputs = {name: r.sweep.outputs for name, r in report.results.items() if r.sweep.outputs is not None}
     logged_outputs = outputs.get(logged, [""] * len(data))
     scores = score_rows(logged_outputs, data.summaries) if logged in outputs else [{}] * len(data)
     rows = []
@@ -527,14 +558,16 @@ def _prediction_rows(report: OptimizeReport, data, logged: str) -> list[dict[str
     return rows
 
 
-def _log_report(report: OptimizeReport, data, choice: Recommendation, budget: Budget, logged: str, workdir: Path) -> None:
+def _log_report(report: OptimizeReport, data, test_data, choice: Recommendation, budget: Budget, logged: str, workdir: Path) -> None:
     import mlflow
     import pandas as pd
 
+    from dialogsum.data import dataset_rows_digest
     from dialogsum.serving import log_summarizer
-    from dialogsum.tracking import log_predictions
+    from dialogsum.tracking import TEST_PREDICTIONS_ARTIFACT, TEST_ROWS_TAG, VAL_ROWS_TAG, log_predictions
 
     mlflow.log_metrics(_summary_metrics(report, choice))
+    mlflow.set_tags({VAL_ROWS_TAG: dataset_rows_digest(data), **({TEST_ROWS_TAG: dataset_rows_digest(test_data)} if test_data else {})})
     mlflow.log_table(pd.DataFrame([p.row() for sweep in report.sweeps.values() for p in sweep.points]), artifact_file=SWEEP_TABLE)
     mlflow.log_artifact(str(_plot(report, workdir / Path(SWEEP_PLOT).name)), artifact_path=str(Path(SWEEP_PLOT).parent))
     summary = {
@@ -545,13 +578,21 @@ def _log_report(report: OptimizeReport, data, choice: Recommendation, budget: Bu
         "sweep_overhead": report.sweep_overhead,
         "variants": {name: {"stop_reason": r.sweep.stop_reason, "size_bytes": r.size_bytes, "load_s": r.load_s,
                             "model_bytes": r.model_bytes, "warmup_s": r.sweep.warmup_s, "sweep_s": r.sweep_s, "generate_s": r.sweep.generate_s,
-                            "quality": r.quality.__dict__ if r.quality else None} for name, r in report.results.items()},
+                            **{f"{role}_quality": None if q is None else {"rouge": q.rouge, "interval": str(q.interval), "rouge_drop": q.rouge_drop,
+                                                                          "difference_vs_fp32": str(q.difference), "agreement_final": q.agreement_final,
+                                                                          "exact_match": q.exact_match}
+                               for role, q in (("val", r.quality), ("test", r.test_quality))}}
+                     for name, r in report.results.items()},
     }  # fmt: skip
     mlflow.log_dict(summary, SUMMARY_FILE)
-    rows = _prediction_rows(report, data, logged)
+    rows = _prediction_rows(data, {n: r.sweep.outputs for n, r in report.results.items() if r.sweep.outputs is not None}, logged)
     log_predictions(rows)
+    if test_data is not None:
+        outputs = {n: r.test_outputs for n, r in report.results.items() if r.test_outputs is not None}
+        log_predictions(_prediction_rows(test_data, outputs, logged), TEST_PREDICTIONS_ARTIFACT)
     n = min(2, len(rows))
-    log_summarizer(report.results[logged].folder, report.cfg.generation, [r["dialogue"] for r in rows[:n]],
+    name = report.cfg.name if logged == "fp32" else f"{report.cfg.name}-{logged}"
+    log_summarizer(report.results[logged].folder, name, report.cfg.generation, [r["dialogue"] for r in rows[:n]],
                    [r["prediction"] for r in rows[:n]], batch_size=choice.batch_size)  # fmt: skip
 
 
@@ -562,6 +603,7 @@ def optimize_run(
     quantization: str | Sequence[str] = "auto",
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
     data_path: str | Path | None = None,
+    test_path: str | Path | None = None,
     n_samples: int | None = None,
     parent_run_id: str | None = None,
     device: str | None = None,
@@ -570,18 +612,20 @@ def optimize_run(
     budget: Budget | None = None,
     log_variant: str | None = None,
 ) -> str:
-    """Measure the model of `run_id` (its `model`) or `model_uri` as fp32 and as each `quantization` variant on
-    `n_samples` rows (default 64) of `data_path` (default: the bundled labelled dev sample), log everything to an
-    `optimize` run and log the recommended variant (or `log_variant`) as its pyfunc `model`; returns the run id."""
+    """Measure the model of `run_id` (the model it logged) or `model_uri` as fp32 and as each `quantization`
+    variant on `n_samples` rows (default 64) of `data_path` (the validation rows: speed, and the quality that decides
+    the recommendation; default: the bundled labelled dev sample), report each variant's quality on `test_path`
+    when given, log everything to an `optimize` run and log the recommended variant (or `log_variant`) as its pyfunc
+    model, named after the model and variant (`kobart-tiny-int8`); returns the run id."""
     import tempfile
 
     import mlflow
 
-    from dialogsum.data import read_dialogues, sample_data_path
+    from dialogsum.data import check_disjoint, read_dialogues, sample_data_path
     from dialogsum.precision import detect_device
     from dialogsum.quantize import VARIANTS, resolve_variants
     from dialogsum.registry import resolve_model_uri
-    from dialogsum.serving import MODEL_ARTIFACT_PATH
+    from dialogsum.serving import run_model_uri
     from dialogsum.tracking import (
         MODEL_TAG,
         configure_tracking,
@@ -597,22 +641,28 @@ def optimize_run(
         raise OptimizeError(f"log_variant '{log_variant}' is not among the measured variants {variants}")
     budget = budget or Budget()
     data = read_dialogues(data_path or sample_data_path("dev"), require_summary=True).head(n_samples or DEFAULT_N_SAMPLES)
+    test_data = read_dialogues(test_path, require_summary=True) if test_path else None
+    if test_data is not None:
+        check_disjoint({"validation": data, "test": test_data})
     configure_tracking()
-    pinned, source_params = resolve_model_uri(model_uri or f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}")
+    pinned, source_params = resolve_model_uri(model_uri or run_model_uri(run_id))
     tags = {"dialogsum.source_model_uri": pinned, "dialogsum.device": device}
-    with tracked_run(run_name=f"optimize-{'-'.join(variants[1:]) or 'batch'}", kind="optimize", tags=tags, parent_run_id=parent_run_id) as run:
+    with tracked_run(run_name=f"optimize-{'-'.join(variants[1:]) or 'batch'}", kind="optimize", tags=tags, parent_run_id=parent_run_id,
+                     system_metrics=True) as run:
         log_config({"source": {"model_uri": pinned, "run_id": run_id or source_params.get("model.source_run_id", "")},
                     "optimize": {"variants": variants, "batch_sizes": sorted(set(batch_sizes)), "device": device,
                                  "generation": generation or {}, "sweep": (settings or SweepSettings()).__dict__,
                                  "budget": budget.__dict__},
-                    "data": {"path": str(data.report.path), "rows": len(data)}}, artifact_file="optimize/config.yaml")  # fmt: skip
-        mlflow.log_param("data.evaluation.file_digest", data.report.digest)
+                    "data": {"path": str(data.report.path), "rows": len(data),
+                             "test_path": str(test_data.report.path) if test_data else None}}, artifact_file="optimize/config.yaml")  # fmt: skip
+        mlflow.log_params({"data.validation.file_digest": data.report.digest,
+                           **({"data.testing.file_digest": test_data.report.digest} if test_data else {})})  # fmt: skip
         with run.stage_of("load"):
             model_dir = source_model_dir(pinned)
         with tempfile.TemporaryDirectory(prefix="dialogsum-optimize-") as tmp:
             with run.stage_of("sweep"):
                 report = measure_variants(model_dir, variants, data, batch_sizes, device=device, workdir=Path(tmp),
-                                          generation=generation, settings=settings, on_point=_log_point)  # fmt: skip
+                                          generation=generation, settings=settings, on_point=_log_point, test_data=test_data)  # fmt: skip
             quality = {name: r.quality for name, r in report.results.items() if r.quality}
             choice = recommend(report.sweeps, quality, {n: r.size_bytes for n, r in report.results.items()}, budget)
             logged = log_variant or choice.variant
@@ -621,5 +671,5 @@ def optimize_run(
                              RECOMMENDED_BATCH_SIZE_TAG: str(choice.batch_size), RECOMMENDATION_TAG: choice.reason[:5000],
                              "dialogsum.logged_variant": logged, "dialogsum.logged_variant.description": VARIANTS[logged].description})  # fmt: skip
             with run.stage_of("log"):
-                _log_report(report, data, choice, budget, logged, Path(tmp))
+                _log_report(report, data, test_data, choice, budget, logged, Path(tmp))
         return run.run_id

@@ -1,4 +1,5 @@
-"""Submissions: summarise a competition CSV with a logged or registered model and write `fname,summary`.
+"""Submissions: summarise a competition CSV with a logged or registered model (or a logged ensemble) and write
+`fname,summary`.
 
 The file has one row per input row, in input order, UTF-8 without BOM. It is validated after writing (header,
 row count, fnames in input order and unique, no empty summary unless that row is in the errors artifact) and
@@ -22,6 +23,8 @@ from dialogsum.tracking import configure_tracking, tracked_run
 SUBMISSION_COLUMNS = ("fname", "summary")
 SUBMISSION_ARTIFACT_DIR = "submission"
 ERRORS_ARTIFACT = f"{SUBMISSION_ARTIFACT_DIR}/errors.json"
+SOURCE_TAG = "dialogsum.predict.source"
+SOURCE_REASON_TAG = "dialogsum.predict.source_reason"
 
 
 class SubmissionError(ValueError):
@@ -102,31 +105,52 @@ def validate_submission(path: Path, fnames: list[str], errors: list[RowError]) -
 
 
 def predict_file(
-    model_uri: str,
+    model_uri: str | None,
     data_path: str | Path,
     out_path: str | Path,
     batch_size: int = 16,
     params: dict[str, Any] | None = None,
+    *,
+    ensemble_run: str | None = None,
+    source_reason: str | None = None,
 ) -> str:
-    """Write the submission for `data_path` with `model_uri` (generation settings overridable through `params`);
-    returns the id of the `predict` run, whose `error_rows` metric counts the rows left without a summary."""
+    """Write the submission for `data_path` with `model_uri` (generation settings overridable through `params`) or
+    with a logged ensemble (`ensemble_run`: its strategy over its sources' models); returns the id of the `predict`
+    run, whose `error_rows` metric counts the rows left without a summary."""
     import mlflow
 
+    if (model_uri is None) == (ensemble_run is None):
+        raise ValueError("give exactly one of a model URI or an ensemble run")
     configure_tracking()
     out_path = Path(out_path)
     params = {k: v for k, v in (params or {}).items() if v is not None}
-    with tracked_run(run_name="predict", kind="predict") as run:
+    with tracked_run(run_name="predict", kind="predict", system_metrics=True) as run:
         with run.stage_of("data"):
             data = read_dialogues(data_path, require_summary=False)
-            pinned_uri, version_info = resolve_model_uri(model_uri)
-            mlflow.log_params({"model_uri": model_uri, "model.pinned_uri": pinned_uri, "data.path": str(data_path),
-                               "data.file_digest": data.report.digest, "data.rows": len(data), "batch_size": batch_size,
-                               **{f"generation.{k}": v for k, v in params.items()}})  # fmt: skip
-            mlflow.set_tags(version_info)
-        with run.stage_of("load"):
-            model = mlflow.pyfunc.load_model(pinned_uri)
-        with run.stage_of("predict"):
-            summaries, errors = summarize_rows(model, data, batch_size, {**params, "batch_size": batch_size})
+            source_params = {"data.path": str(data_path), "data.file_digest": data.report.digest, "data.rows": len(data),
+                             "batch_size": batch_size, **{f"generation.{k}": v for k, v in params.items()}}  # fmt: skip
+            if model_uri is not None:
+                pinned_uri, version_info = resolve_model_uri(model_uri)
+                source_params.update({"model_uri": model_uri, "model.pinned_uri": pinned_uri})
+                mlflow.set_tags({**version_info, SOURCE_TAG: pinned_uri})
+            else:
+                source_params["ensemble_run"] = ensemble_run
+                mlflow.set_tag(SOURCE_TAG, f"ensemble run {ensemble_run}")
+            if source_reason:
+                mlflow.set_tag(SOURCE_REASON_TAG, source_reason[:5000])
+            mlflow.log_params(source_params)
+        if model_uri is not None:
+            with run.stage_of("load"):
+                model = mlflow.pyfunc.load_model(pinned_uri)
+            with run.stage_of("predict"):
+                summaries, errors = summarize_rows(model, data, batch_size, {**params, "batch_size": batch_size})
+        else:
+            from dialogsum.ensemble import ensemble_summaries
+
+            with run.stage_of("predict"):
+                summaries = ensemble_summaries(ensemble_run, data)
+                errors = [RowError(i + 1, r.fname, "the ensemble's sources gave no summary") for i, (r, s) in
+                          enumerate(zip(data.rows, summaries)) if not s]  # fmt: skip
         with run.stage_of("write"):
             write_submission(out_path, data.fnames, summaries)
             validate_submission(out_path, data.fnames, errors)

@@ -225,15 +225,11 @@ def run_preflight(
     return verdicts
 
 
-def render_table(verdicts: list[Verdict]):
-    from rich.table import Table
-
-    table = Table(title="dialogsum preflight", show_lines=True)
-    for column in ("model", "verdict", "precision", "est. memory", "reasons / notes"):
-        table.add_column(column)
-    for v in verdicts:
-        style = "green" if v.ok else "red"
-        estimate = f"{v.estimate_gib:.1f} GiB" if v.estimate_gib is not None else "-"
-        details = "\n".join(v.reasons + v.notes) or "-"
-        table.add_row(v.model, f"[{style}]{v.label}[/{style}]", v.precision or "-", estimate, details)
-    return table
+def verdict_rows(verdicts: list[Verdict]) -> list[dict]:
+    """One row per verdict for `dialogsum.output.emit`: model, verdict, precision, estimate, reasons and notes."""
+    return [
+        {"model": v.model, "verdict": v.label, "precision": v.precision or "-",
+         "est. memory": f"{v.estimate_gib:.1f} GiB" if v.estimate_gib is not None else "-",
+         "reasons / notes": v.reasons + v.notes}
+        for v in verdicts
+    ]  # fmt: skip

@@ -15,8 +15,26 @@ import mlflow.pyfunc
 from dialogsum.config import GenerationSettings
 
 MODEL_ARTIFACT_KEY = "model_dir"
-MODEL_ARTIFACT_PATH = "model"
 DEFAULT_BATCH_SIZE = 16
+
+
+class NoLoggedModel(LookupError):
+    """A run that logged no READY dialogsum model."""
+
+
+def run_model_uri(run_id: str) -> str:
+    """`models:/<model id>` of the latest READY model a run logged (each dialogsum run logs at most one, named
+    after the model and step, e.g. `kobart-tiny` or `kobart-tiny-int8`)."""
+    import mlflow
+    from mlflow.entities import LoggedModelStatus
+
+    run = mlflow.get_run(run_id)
+    found = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
+                                        filter_string=f"source_run_id = '{run_id}'")  # fmt: skip
+    ready = sorted((m for m in found if m.status == LoggedModelStatus.READY), key=lambda m: m.creation_timestamp)
+    if not ready:
+        raise NoLoggedModel(f"run {run_id} logged no READY model")
+    return ready[-1].model_uri
 
 
 def dialogues_from_input(model_input: Any) -> list[str]:
@@ -73,14 +91,15 @@ def default_params(settings: GenerationSettings, batch_size: int = DEFAULT_BATCH
 
 def log_summarizer(
     model_dir: Path,
+    name: str,
     settings: GenerationSettings,
     example_dialogues: list[str],
     example_summaries: list[str],
     batch_size: int = DEFAULT_BATCH_SIZE,
     **kwargs,
 ):
-    """Log a saved model folder as the `model` pyfunc of the active run, with signature and input example;
-    `batch_size` is the default generation batch size of `predict`.
+    """Log a saved model folder as the pyfunc `name` (the model and step, e.g. `kobart-tiny-int8`) of the active run,
+    with signature and input example; `batch_size` is the default generation batch size of `predict`.
 
     The signature declares the output and the per-request generation params but no input schema: MLflow's input
     enforcement would either reject a plain list of strings (named `dialogue` column) or keep only the first
@@ -96,7 +115,7 @@ def log_summarizer(
     kwargs.setdefault("pip_requirements", inference_requirements(model_dir))
     kwargs.setdefault("code_paths", [str(Path(__file__).resolve().parent)])
     return mlflow.pyfunc.log_model(
-        name=MODEL_ARTIFACT_PATH,
+        name=name,
         python_model=DialogueSummarizer(batch_size),
         artifacts={MODEL_ARTIFACT_KEY: str(model_dir)},
         signature=signature,

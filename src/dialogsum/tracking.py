@@ -35,7 +35,20 @@ STAGE_TAG = "dialogsum.stage"
 KIND_TAG = "dialogsum.kind"
 MODEL_TAG = "dialogsum.model"
 REASON_TAG = "dialogsum.reason"
+VAL_ROWS_TAG = "dialogsum.val_rows_digest"  # digest of the exact (fname, reference) pairs a val_* score is over
+TEST_ROWS_TAG = "dialogsum.test_rows_digest"
+TEST_PREDICTIONS_ARTIFACT = "test_predictions.json"
 PARAM_VALUE_LIMIT = 6000
+# MLflow 3's UI opens an experiment by its kind: without this tag it guesses, and a dialogsum experiment opened on
+# the GenAI overview (traces, tokens) instead of the runs table.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+UI_QUERY = "workflowType=machine_learning"  # the UI's model-training mode
+SYSTEM_METRICS_ENV = "DIALOGSUM_SYSTEM_METRICS"
+SOURCE_NAME_TAG = "mlflow.source.name"
+NOTE_TAG = "mlflow.note.content"
+INHERITED_TAGS = ("mlflow.user", "mlflow.source.type", "mlflow.source.git.commit", "mlflow.source.git.branch",
+                  "mlflow.source.git.repoURL")  # fmt: skip
 SERVER_PROBE_TIMEOUT_S = (3, 5)  # (connect, read) seconds
 
 
@@ -77,6 +90,8 @@ def configure_tracking(experiment: str | None = None) -> str:
             # When another process creates the experiment at the same moment, MLflow returns it without making it
             # active, and this process's runs would land in "Default"; activating it by id is always safe.
             mlflow.set_experiment(experiment_id=found.experiment_id)
+            if EXPERIMENT_KIND_TAG not in found.tags:
+                mlflow.MlflowClient().set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         except Exception as e:
             if "401" in str(e) or "403" in str(e) or "Unauthorized" in str(e):
                 raise TrackingError(f"MLflow tracking server {uri} refused the credentials: {e}") from e
@@ -147,23 +162,32 @@ def tracked_run(
     tags: dict[str, str] | None = None,
     parent_run_id: str | None = None,
     run_id: str | None = None,
+    system_metrics: bool = False,
 ) -> Iterator[RunContext]:
     """Start (or resume, with `run_id` or $MLFLOW_RUN_ID) a run and guarantee a final status.
 
-    Succeeded → FINISHED; exception → FAILED with error artifacts; Ctrl-C/SIGTERM → KILLED.
+    Succeeded → FINISHED; exception → FAILED with error artifacts; Ctrl-C/SIGTERM → KILLED. `system_metrics` turns
+    on MLflow's system metrics (CPU, memory, disk, network, and GPU when present) unless $DIALOGSUM_SYSTEM_METRICS
+    is false (`dialogsum --no-system-metrics ...`).
     """
     import mlflow
 
     all_tags = {KIND_TAG: kind, STATUS_TAG: "running", **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
+    if not (run_id or os.environ.get("MLFLOW_RUN_ID")):  # a run opened by `mlflow run` or a pipeline keeps its source
+        all_tags[SOURCE_NAME_TAG] = f"dialogsum {kind}"
     previous_handler = None
     try:
         previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     except ValueError:  # not in the main thread
         pass
     nested = mlflow.active_run() is not None
-    run = mlflow.start_run(run_id=run_id, run_name=run_name if not run_id else None, tags=all_tags, nested=nested)
+    monitor = system_metrics and system_metrics_enabled()
+    if monitor:
+        _configure_system_metrics()
+    run = mlflow.start_run(run_id=run_id, run_name=run_name if not run_id else None, tags=all_tags, nested=nested,
+                           log_system_metrics=monitor)  # fmt: skip
     ctx = RunContext(run.info.run_id)
     try:
         if run_id or os.environ.get("MLFLOW_RUN_ID"):
@@ -180,7 +204,7 @@ def tracked_run(
         mlflow.end_run("FAILED")
         raise
     else:
-        mlflow.set_tag(STATUS_TAG, "succeeded")
+        mlflow.set_tags({STATUS_TAG: "succeeded", STAGE_TAG: "finished"})
         _log_timings(ctx)
         mlflow.end_run("FINISHED")
     finally:
@@ -188,13 +212,33 @@ def tracked_run(
             signal.signal(signal.SIGTERM, previous_handler)
 
 
+def system_metrics_enabled() -> bool:
+    return os.environ.get(SYSTEM_METRICS_ENV, "true").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _configure_system_metrics() -> None:
+    """Sample every 5 s and log each sample (MLflow: every 10 s, in batches), so minute-long runs get curves too;
+    MLflow's own environment variables win when set."""
+    import mlflow
+
+    if "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL" not in os.environ:
+        mlflow.set_system_metrics_sampling_interval(5)
+    if "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING" not in os.environ:
+        mlflow.set_system_metrics_samples_before_logging(1)
+
+
+def stage_time_metric(stage: str) -> str:
+    """`time/<stage>_s`: the UI groups the `time/` metrics into a section of their own, apart from the scores."""
+    return f"time/{stage}_s"
+
+
 def _log_timings(ctx: RunContext) -> None:
-    """Seconds spent in each stage, as `time_<stage>_s` metrics (the report's timeline)."""
+    """Seconds spent in each stage, as `time/<stage>_s` metrics (the report's timeline)."""
     import mlflow
 
     if ctx.timings:
         try:
-            mlflow.log_metrics({f"time_{stage}_s": seconds for stage, seconds in ctx.timings.items()})
+            mlflow.log_metrics({stage_time_metric(stage): seconds for stage, seconds in ctx.timings.items()})
         except Exception:  # timings are informative; never mask the run's real outcome
             pass
 
@@ -285,14 +329,19 @@ def load_predictions(run_id: str, artifact_file: str = PREDICTIONS_ARTIFACT):
     return pd.DataFrame(table["data"], columns=table["columns"])
 
 
+def run_url(server: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI at `server`, in model-training mode."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?{UI_QUERY}"
+
+
 def ui_hint(run_id: str) -> str:
     import mlflow
 
     uri = mlflow.get_tracking_uri()
     run = mlflow.get_run(run_id)
     if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
-    return f"mlflow ui --backend-store-uri {uri}  →  experiment {run.info.experiment_id}, run {run_id}"
+        return run_url(uri, run.info.experiment_id, run_id)
+    return f"mlflow ui --backend-store-uri {uri}  →  {run_url('http://127.0.0.1:5000', run.info.experiment_id, run_id)}"
 
 
 def run_metric(run, name: str) -> float | None:
@@ -303,12 +352,15 @@ def run_metric(run, name: str) -> float | None:
 
 
 def create_child_run(parent_run_id: str, name: str, kind: str, tags: dict[str, str] | None = None) -> str:
-    """A RUNNING child run that a stage process will log into (through $MLFLOW_RUN_ID)."""
+    """A RUNNING child run that a stage process will log into (through $MLFLOW_RUN_ID), with the parent's user, source
+    and git commit (MLflow records those only for runs its fluent API starts)."""
     import mlflow
 
     client = mlflow.MlflowClient()
     parent = client.get_run(parent_run_id)
-    all_tags = {"mlflow.parentRunId": parent_run_id, KIND_TAG: kind, STATUS_TAG: "pending", **(tags or {})}
+    inherited = {k: v for k, v in parent.data.tags.items() if k in INHERITED_TAGS}
+    all_tags = {**inherited, SOURCE_NAME_TAG: f"dialogsum {kind}", "mlflow.parentRunId": parent_run_id, KIND_TAG: kind,
+                STATUS_TAG: "pending", **(tags or {})}  # fmt: skip
     return client.create_run(parent.info.experiment_id, tags=all_tags, run_name=name).info.run_id
 
 
@@ -329,6 +381,7 @@ def close_run(
     tags = {STATUS_TAG: status, STAGE_TAG: stage}
     if message:
         tags[REASON_TAG] = message[:PARAM_VALUE_LIMIT]
+        tags[NOTE_TAG] = f"**{status}**: {message}"[:PARAM_VALUE_LIMIT]  # the run page's description
     if error_type:
         tags.update({"error.type": error_type, "error.stage": stage, "error.message": (message or "")[:PARAM_VALUE_LIMIT]})
         client.log_dict(run_id, {"type": error_type, "message": message, "stage": stage,

@@ -1,8 +1,9 @@
 """The `train` recipe: one model, one MLflow run that tells its whole story.
 
-Flow: preflight (no weights) → data → tokenizer and model → tokenize → epochs of training with per-epoch
-evaluation (loss and Korean ROUGE of generated summaries, logged with step = epoch) → the best epoch's model
-logged as a pyfunc with its predictions table and ROUGE curve. Training runs on accelerate, so
+Flow: preflight (no weights) → data roles (train fits, validation chooses the epoch, test reports) → tokenizer
+and model → tokenize (cached) → epochs of training with per-epoch validation (loss and Korean ROUGE of generated
+summaries, logged with step = epoch) → the best epoch's model, loaded back as it will be served, scored once on
+the test rows → logged as a pyfunc with its prediction tables and ROUGE curve. Training runs on accelerate, so
 `accelerate launch --num_processes N -m dialogsum train ...` trains with DDP; only the main process talks to
 MLflow and evaluates.
 """
@@ -19,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from dialogsum.config import ModelConfig, load_model_config
-from dialogsum.data import DialogueSet, read_dialogues, sample_data_path
-from dialogsum.preflight import PreflightError, check_model
+from dialogsum.data import DataRoles, DialogueSet, dataset_rows_digest, load_data_roles
 from dialogsum.precision import detect_device
+from dialogsum.preflight import PreflightError, check_model
 
-EPOCH_METRICS = ("eval_loss", "eval_rouge1", "eval_rouge2", "eval_rougeL", "eval_final", "eval_gen_len")
+SCORE_KEYS = ("rouge1", "rouge2", "rougeL", "final")
+EPOCH_METRICS = ("val_loss", "val_rouge1", "val_rouge2", "val_rougeL", "val_final", "val_gen_len",
+                 "val_final_ci95_low", "val_final_ci95_high")  # fmt: skip
 
 
 @dataclass
@@ -40,6 +43,7 @@ class TrainResult:
     best: EpochResult | None = None
     history: list[EpochResult] = field(default_factory=list)
     train_losses: list[float] = field(default_factory=list)
+    test: EpochResult | None = None
 
 
 def _seed_everything(seed: int) -> None:
@@ -48,30 +52,49 @@ def _seed_everything(seed: int) -> None:
     set_seed(seed)
 
 
-def _log_datasets(train: DialogueSet, evaluation: DialogueSet) -> None:
+def _log_datasets(roles: DataRoles) -> None:
+    """Each role as an MLflow dataset input (source, digest), its row count, file digest and how its rows were
+    chosen; the digests of the exact validation and test rows as tags."""
     import mlflow
     import pandas as pd
 
-    from dialogsum.tracking import log_dataset_input
+    from dialogsum.tracking import TEST_ROWS_TAG, VAL_ROWS_TAG, log_dataset_input
 
-    for data, context in ((train, "training"), (evaluation, "evaluation")):
+    for context, data in (("training", roles.train), ("validation", roles.validation), ("testing", roles.test)):
+        if data is None:
+            continue
         frame = pd.DataFrame([r.__dict__ for r in data.rows])
         with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns about the tie
             warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
             dataset = mlflow.data.from_pandas(frame, source=str(Path(data.report.path).resolve()), name=Path(data.report.path).name)
         log_dataset_input(dataset, context=context)
-        mlflow.log_param(f"data.{context}.rows", len(data))
-        mlflow.log_param(f"data.{context}.file_digest", data.report.digest)
+        mlflow.log_params({f"data.{context}.rows": len(data), f"data.{context}.file_digest": data.report.digest,
+                           f"data.{context}.selection": data.report.selection or "all rows"})  # fmt: skip
         if data.report.cleaned_cells:
             mlflow.log_dict(dict(data.report.cleaned_cells), f"data/{context}_cleaning.json")
+    mlflow.set_tags({VAL_ROWS_TAG: dataset_rows_digest(roles.validation),
+                     **({TEST_ROWS_TAG: dataset_rows_digest(roles.test)} if roles.test else {})})  # fmt: skip
 
 
-def _evaluate(model, tokenizer, cfg: ModelConfig, loader, data: DialogueSet, accelerator, progress) -> EpochResult:
-    """Teacher-forced eval loss, then generated summaries scored with Korean ROUGE."""
+def score_predictions(prefix: str, predictions: list[str], data: DialogueSet, tokenizer) -> EpochResult:
+    """Korean ROUGE of `predictions` against `data`'s references as `<prefix>_*` metrics, with the 95% bootstrap
+    interval of `<prefix>_final` over the rows and the mean generated length in tokens."""
+    from dialogsum.metrics import aggregate, score_rows
+    from dialogsum.stats import bootstrap_mean
+
+    rows = score_rows(predictions, data.summaries)
+    interval = bootstrap_mean([r["final"] for r in rows])
+    gen_len = sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in predictions) / max(len(predictions), 1)
+    metrics = {f"{prefix}_{k}": v for k, v in aggregate(rows).items()}
+    metrics.update({f"{prefix}_final_ci95_low": interval.low, f"{prefix}_final_ci95_high": interval.high, f"{prefix}_gen_len": gen_len})
+    return EpochResult(0, metrics, predictions, rows)
+
+
+def _validate(model, tokenizer, cfg: ModelConfig, loader, data: DialogueSet, accelerator, progress) -> EpochResult:
+    """Teacher-forced validation loss, then generated summaries scored with Korean ROUGE."""
     import torch
 
     from dialogsum.generate import summarize
-    from dialogsum.metrics import aggregate, score_rows
 
     model.eval()
     total, count = 0.0, 0
@@ -88,13 +111,10 @@ def _evaluate(model, tokenizer, cfg: ModelConfig, loader, data: DialogueSet, acc
             model, tokenizer, cfg, data.dialogues, cfg.training.eval_batch_size, on_batch=lambda n: progress.advance(task, n)
         )
     progress.remove_task(task)
-    rows = score_rows(predictions, data.summaries)
-    scores = aggregate(rows)
-    gen_len = sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in predictions) / max(len(predictions), 1)
-    metrics = {"eval_loss": total / max(count, 1), "eval_gen_len": gen_len}
-    metrics.update({f"eval_{k}": v for k, v in scores.items()})
+    result = score_predictions("val", predictions, data, tokenizer)
+    result.metrics["val_loss"] = total / max(count, 1)
     model.train()
-    return EpochResult(0, metrics, predictions, rows)
+    return result
 
 
 def _is_better(candidate: float, best: float | None, mode: str) -> bool:
@@ -108,10 +128,10 @@ def _rouge_curve_png(history: list[EpochResult], path: Path) -> Path:
 
     epochs = [h.epoch for h in history]
     fig, ax = figures.subplots(figsize=(5, 3.2), dpi=100)
-    for key in ("eval_rouge1", "eval_rouge2", "eval_rougeL"):
-        ax.plot(epochs, [h.metrics[key] for h in history], marker="o", label=key.removeprefix("eval_"))
+    for key in ("val_rouge1", "val_rouge2", "val_rougeL"):
+        ax.plot(epochs, [h.metrics[key] for h in history], marker="o", label=key.removeprefix("val_"))
     ax.set_xlabel("epoch")
-    ax.set_ylabel("F1 (Korean morphemes)")
+    ax.set_ylabel("validation F1 (Korean morphemes)")
     ax.set_xticks(epochs)
     ax.legend()
     ax.grid(alpha=0.3)
@@ -138,17 +158,32 @@ def train_epoch(model, loader, optimizer, scheduler, accelerator, max_grad_norm:
     return seen
 
 
+def evaluate_saved_model(model_dir: Path, data: DialogueSet, batch_size: int) -> EpochResult:
+    """Test scores of a saved model folder, loaded exactly as serving loads it (`load_for_inference`)."""
+    import torch
+
+    from dialogsum.generate import summarize
+    from dialogsum.models import load_for_inference
+
+    model, tokenizer, cfg = load_for_inference(model_dir)
+    predictions = summarize(model, tokenizer, cfg, data.dialogues, batch_size)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return score_predictions("test", predictions, data, tokenizer)
+
+
 def run_training(
     cfg: ModelConfig,
-    train_data: DialogueSet,
-    eval_data: DialogueSet,
+    roles: DataRoles,
     *,
     track: bool = True,
     run_ctx=None,
     output_dir: Path | None = None,
     log_model: bool = True,
 ) -> TrainResult:
-    """Train and evaluate one model. With `track`, metrics and artifacts go to the active MLflow run."""
+    """Train on `roles.train`, choose the epoch on `roles.validation`, report on `roles.test` (when given and a
+    model is kept). With `track`, metrics and artifacts go to the active MLflow run."""
     import mlflow
     import torch
     from accelerate import Accelerator
@@ -156,8 +191,8 @@ def run_training(
     from torch.utils.data import DataLoader
     from transformers import get_linear_schedule_with_warmup
 
-    from dialogsum.features import BatchPlan, Collator, encode_example
-    from dialogsum.models import build_model, load_tokenizer, save_for_inference
+    from dialogsum.features import EpochSeededSampler, build_collator, tokenize_rows
+    from dialogsum.models import build_model, cache_dir, load_tokenizer, save_for_inference
     from dialogsum.precision import resolve_precision
 
     t = cfg.training
@@ -171,6 +206,7 @@ def run_training(
     track = track and accelerator.is_main_process
     _seed_everything(t.seed)
     result = TrainResult(mlflow.active_run().info.run_id if track else None)
+    train_data, validation = roles.train, roles.validation
 
     # The main process fills the tokenizer/random-init caches first; the others then read them (transformers writes
     # checkpoints from rank 0 only, so a cache entry saved by another rank would be empty).
@@ -186,29 +222,30 @@ def run_training(
                            "model.dialogue_tag_tokens": len(set(built.tag_token_ids)), "model.vocab_size": len(tokenizer), "model.weights_source": built.base_source,
                            "runtime.precision": policy.label, "runtime.num_processes": accelerator.num_processes})  # fmt: skip
 
-    with stage("tokenize"):
-        train_examples = [encode_example(cfg, tokenizer, r.dialogue, r.summary or "") for r in train_data.rows]
-        eval_examples = [encode_example(cfg, tokenizer, r.dialogue, r.summary or "") for r in eval_data.rows]
-    pad_to = (t.max_source_length, t.max_target_length) if t.pad_to_max_length else None
-    collate = Collator(tokenizer.pad_token_id, cfg.task == "seq2seq", pad_to)
-    plan = BatchPlan([len(e) for e in train_examples], t.batch_size, t.seed, t.group_by_length and not t.pad_to_max_length)
-    train_loader = DataLoader(train_examples, batch_sampler=plan, collate_fn=collate)
-    eval_loader = DataLoader(eval_examples, batch_size=t.eval_batch_size, collate_fn=collate)
+    with stage("tokenize"), accelerator.main_process_first():
+        cache = cache_dir() / "tokenized"
+        train_set = tokenize_rows(cfg, tokenizer, train_data.dialogues, train_data.summaries, cache)
+        val_set = tokenize_rows(cfg, tokenizer, validation.dialogues, validation.summaries, cache)
+    collate = build_collator(cfg, tokenizer)
+    sampler = EpochSeededSampler([len(ids) for ids in train_set["input_ids"]], t.batch_size, t.seed,
+                                 t.group_by_length and not t.pad_to_max_length)  # fmt: skip
+    train_loader = DataLoader(train_set, batch_size=t.batch_size, sampler=sampler, collate_fn=collate)
+    val_loader = DataLoader(val_set, batch_size=t.eval_batch_size, collate_fn=collate)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     # Counted over all processes' batches: the prepared scheduler advances num_processes steps per optimizer step.
-    steps_per_epoch = math.ceil(len(plan) / t.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(len(train_loader) / t.gradient_accumulation_steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, t.warmup_steps, steps_per_epoch * t.epochs)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
 
-    best_dir = Path(output_dir or tempfile.mkdtemp(prefix="dialogsum-best-"))
+    best_dir = Path(output_dir or tempfile.mkdtemp(prefix="dialogsum-")) / "summarizer"  # the artifact folder name
     best_value: float | None = None
     global_step, window = 0, []
     progress = Progress(disable=not accelerator.is_main_process, transient=True)
     with progress:
         for epoch in range(1, t.epochs + 1):
-            plan.set_epoch(epoch)
+            sampler.set_epoch(epoch)
             model.train()
             epoch_start = time.perf_counter()
             task = progress.add_task(f"epoch {epoch}/{t.epochs}", total=len(train_loader))
@@ -236,9 +273,9 @@ def run_training(
             accelerator.wait_for_everyone()
             if not accelerator.is_main_process:
                 continue
-            with stage("eval"):
+            with stage("validate"):
                 unwrapped = accelerator.unwrap_model(model)
-                evaluation = _evaluate(unwrapped, tokenizer, cfg, eval_loader, eval_data, accelerator, progress)
+                evaluation = _validate(unwrapped, tokenizer, cfg, val_loader, validation, accelerator, progress)
             evaluation.epoch = epoch
             evaluation.metrics.update({"epoch_time_s": epoch_time, "train_samples_per_s": seen / epoch_time})
             result.history.append(evaluation)
@@ -252,46 +289,58 @@ def run_training(
                         save_for_inference(built, cfg, best_dir, unwrapped)
         accelerator.wait_for_everyone()
 
+    if accelerator.is_main_process and log_model and roles.test is not None and result.best is not None:
+        with stage("test"):
+            result.test = evaluate_saved_model(best_dir, roles.test, t.eval_batch_size)
     if track and result.best is not None:
         with stage("save"):
-            _log_outcome(cfg, eval_data, result, best_dir if log_model else None)
+            _log_outcome(cfg, roles, result, best_dir if log_model else None)
     accelerator.end_training()
     return result
 
 
-def _log_outcome(cfg: ModelConfig, eval_data: DialogueSet, result: TrainResult, model_dir: Path | None) -> None:
+def _prediction_table(data: DialogueSet, outcome: EpochResult) -> list[dict[str, Any]]:
+    return [
+        {"fname": r.fname, "dialogue": r.dialogue, "reference": r.summary, "prediction": p, **scores}
+        for r, p, scores in zip(data.rows, outcome.predictions, outcome.rows)
+    ]
+
+
+def _log_outcome(cfg: ModelConfig, roles: DataRoles, result: TrainResult, model_dir: Path | None) -> None:
+    """The best epoch's validation metrics (`best_val_*`) and table, the test metrics and table, the curve, the model."""
     import mlflow
 
     from dialogsum.serving import log_summarizer
-    from dialogsum.tracking import log_predictions
+    from dialogsum.tracking import TEST_PREDICTIONS_ARTIFACT, log_predictions
 
     best = result.best
     assert best is not None
     mlflow.flush_async_logging()
     mlflow.log_metrics({f"best_{k}": v for k, v in best.metrics.items() if k in EPOCH_METRICS})
     mlflow.log_metric("best_epoch", best.epoch)
-    rows = [
-        {"fname": r.fname, "dialogue": r.dialogue, "reference": r.summary, "prediction": p, **scores}
-        for r, p, scores in zip(eval_data.rows, best.predictions, best.rows)
-    ]
-    log_predictions(rows)
+    log_predictions(_prediction_table(roles.validation, best))
+    if result.test is not None and roles.test is not None:
+        mlflow.log_metrics(result.test.metrics)
+        log_predictions(_prediction_table(roles.test, result.test), TEST_PREDICTIONS_ARTIFACT)
     with tempfile.TemporaryDirectory() as tmp:
         mlflow.log_artifact(str(_rouge_curve_png(result.history, Path(tmp) / "rouge_curve.png")))
     if model_dir is not None:
-        n = min(2, len(eval_data))
-        log_summarizer(model_dir, cfg.generation, eval_data.dialogues[:n], best.predictions[:n])
+        n = min(2, len(roles.validation))
+        log_summarizer(model_dir, cfg.name, cfg.generation, roles.validation.dialogues[:n], best.predictions[:n])
 
 
-def load_split(path: str | Path | None, default_split: str, limit: int | None) -> DialogueSet:
-    data = read_dialogues(path or sample_data_path(default_split), require_summary=True)
-    return data.head(limit)
+def roles_for(cfg: ModelConfig, train_path, validation_path, test_path) -> DataRoles:
+    t = cfg.training
+    return load_data_roles(train_path, validation_path, test_path, validation_fraction=t.validation_fraction,
+                           limits=(t.max_train_samples, t.max_validation_samples, t.max_test_samples))  # fmt: skip
 
 
 def train_model(
     model_name: str,
     *,
     train_path: str | Path | None = None,
-    eval_path: str | Path | None = None,
+    validation_path: str | Path | None = None,
+    test_path: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
     parent_run_id: str | None = None,
     run_name: str | None = None,
@@ -308,14 +357,13 @@ def train_model(
     # cpu=True on a CPU-only machine makes a torchrun launch a gloo process group (MULTI_CPU); without it every
     # rank would think it is the main process. It must match the Accelerator's `cpu` in run_training.
     if not PartialState(cpu=not torch.cuda.is_available()).is_main_process:
-        train_data = load_split(train_path, "train", cfg.training.max_train_samples)
-        eval_data = load_split(eval_path, "dev", cfg.training.max_eval_samples)
-        run_training(cfg, train_data, eval_data, track=False)
+        run_training(cfg, roles_for(cfg, train_path, validation_path, test_path), track=False)
         return None
     configure_tracking()
     device = detect_device()
     tags = {MODEL_TAG: cfg.name, "dialogsum.family": cfg.family, "dialogsum.task": cfg.task, "dialogsum.device": device.name}
-    with tracked_run(run_name=run_name or cfg.name, kind="train", tags=tags, parent_run_id=parent_run_id) as run:
+    with tracked_run(run_name=run_name or cfg.name, kind="train", tags=tags, parent_run_id=parent_run_id,
+                     system_metrics=True) as run:  # fmt: skip
         log_config(cfg.model_dump())
         with run.stage_of("preflight"):
             verdict = check_model(cfg, device)
@@ -325,26 +373,31 @@ def train_model(
 
             mlflow.set_tag("dialogsum.precision", verdict.precision or "")
         with run.stage_of("data"):
-            train_data = load_split(train_path, "train", cfg.training.max_train_samples)
-            eval_data = load_split(eval_path, "dev", cfg.training.max_eval_samples)
-            _log_datasets(train_data, eval_data)
-        result = run_training(cfg, train_data, eval_data, run_ctx=run)
+            roles = roles_for(cfg, train_path, validation_path, test_path)
+            _log_datasets(roles)
+        result = run_training(cfg, roles, run_ctx=run)
         _print_summary(cfg, result, ui_hint(run.run_id))
         return run.run_id
 
 
 def _print_summary(cfg: ModelConfig, result: TrainResult, hint: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    import sys
 
-    table = Table(title=f"{cfg.name}: per-epoch evaluation (Korean ROUGE)")
-    for column in ("epoch", "eval_loss", "rouge1", "rouge2", "rougeL", "final", "gen len", "s"):
-        table.add_column(column, justify="right")
-    for h in result.history:
-        m = h.metrics
-        mark = " *" if result.best is h else ""
-        table.add_row(f"{h.epoch}{mark}", f"{m['eval_loss']:.3f}", f"{m['eval_rouge1']:.3f}", f"{m['eval_rouge2']:.3f}",
-                      f"{m['eval_rougeL']:.3f}", f"{m['eval_final']:.2f}", f"{m['eval_gen_len']:.1f}", f"{m['epoch_time_s']:.1f}")  # fmt: skip
-    console = Console(stderr=True)
-    console.print(table)
-    console.print(f"run {result.run_id} (* = best epoch, logged as the model)\nopen: {hint}")
+    from dialogsum.output import emit
+
+    rows = [
+        {"epoch": f"{h.epoch}{' *' if result.best is h else ''}", "val_loss": f"{h.metrics['val_loss']:.3f}",
+         "rouge1": f"{h.metrics['val_rouge1']:.3f}", "rouge2": f"{h.metrics['val_rouge2']:.3f}",
+         "rougeL": f"{h.metrics['val_rougeL']:.3f}",
+         "final [95% CI]": f"{h.metrics['val_final']:.2f} [{h.metrics['val_final_ci95_low']:.2f}, {h.metrics['val_final_ci95_high']:.2f}]",
+         "gen len": f"{h.metrics['val_gen_len']:.1f}", "s": f"{h.metrics['epoch_time_s']:.1f}"}
+        for h in result.history
+    ]  # fmt: skip
+    emit(rows, list(rows[0]) if rows else ["epoch"], f"{cfg.name}: per-epoch validation (Korean ROUGE)", stream=sys.stderr)
+    lines = [f"run {result.run_id} (* = best epoch by validation, logged as the model)"]
+    if result.test is not None:
+        m = result.test.metrics
+        lines.append(f"test: final {m['test_final']:.2f} [{m['test_final_ci95_low']:.2f}, {m['test_final_ci95_high']:.2f}] "
+                     f"over {len(result.test.rows)} rows (reported, never used to choose)")  # fmt: skip
+    lines.append(f"open: {hint}")
+    sys.stderr.write("\n".join(lines) + "\n")

@@ -1,12 +1,16 @@
 """The `main` pipeline: one parent run, one child run per model and per later step.
 
+0. Data roles are fixed once for the whole pipeline and logged on the parent (`data/*.csv`): train fits,
+   validation chooses, test reports, predict is summarised for the submission. Without a validation file,
+   `validation_fraction` of the train rows (by fname hash) become validation; every child reads the same files,
+   so every score of the pipeline is on the same rows.
 1. Preflight every model at once; each blocked model becomes a FAILED child within seconds (no weights loaded).
 2. Each remaining model trains in its own subprocess, logging into a child run created here
    (`$MLFLOW_RUN_ID`), so a crash, OOM or leaked GPU memory cannot touch the next model; a stage that outlives
    its timeout is killed and the child records why.
-3. Later steps (evaluate_solar, ensemble, optimize, register) run the same way, or become SKIPPED children when
-   their preconditions are missing (no API key, fewer than two usable sources, no successful model).
-4. The parent logs the success/failure matrix, count tags, the best model, and the generated report.
+3. Later steps (evaluate_solar, ensemble, optimize, register, predict) run the same way, or become SKIPPED
+   children when their preconditions are missing (no API key, fewer than two usable sources, no successful model).
+4. The parent logs the success/failure matrix, summary metrics and tags, the best model, and the report.
 
 `--resume PARENT_RUN_ID` reruns, under the same parent, only the children that failed or never ran.
 """
@@ -26,13 +30,15 @@ from pathlib import Path
 import yaml
 
 from dialogsum.config import ConfigError, PipelineConfig, PipelineModel, load_pipeline_config, parse_config
+from dialogsum.data import DataRoles, load_data_roles, read_dialogues, sample_data_path, write_dialogues
+from dialogsum.pipeline.store import SELECTION_METRIC, best_train_run, find_child, latest_children, succeeded
 from dialogsum.preflight import Verdict, run_preflight
-from dialogsum.pipeline.report import latest_children
 from dialogsum.tracking import (
     KIND_TAG,
     MODEL_TAG,
     STAGE_TAG,
     STATUS_TAG,
+    VAL_ROWS_TAG,
     close_run,
     configure_tracking,
     create_child_run,
@@ -42,6 +48,9 @@ from dialogsum.tracking import (
 )
 
 PIPELINE_CONFIG_ARTIFACT = "pipeline.yaml"
+DATA_ARTIFACT_DIR = "data"
+ROLE_FILES = ("train", "validation", "test", "predict")
+SUBMISSION_FILE = "submission.csv"
 KILL_GRACE_S = 15
 
 
@@ -51,13 +60,14 @@ class StageOutcome:
     status: str
 
 
-def _data_args(cfg: PipelineConfig) -> list[str]:
-    args = []
-    if cfg.data.train:
-        args += ["--train-data", cfg.data.train]
-    if cfg.data.eval:
-        args += ["--eval-data", cfg.data.eval]
-    return args
+@dataclass
+class RoleFiles:
+    """The CSV each child reads for each data role (validation always exists; test and predict may not)."""
+
+    train: Path
+    validation: Path
+    test: Path | None
+    predict: Path | None
 
 
 def _set_args(overrides: dict) -> list[str]:
@@ -126,22 +136,51 @@ def _record_skipped(parent_id: str, name: str, kind: str, reason: str) -> str:
     return run_id
 
 
-def _find(children: list, kind: str, name: str | None = None):
-    """The latest attempt of a step (and model) among a pipeline's children, or None."""
-    for run in reversed(children):
-        if run.data.tags.get(KIND_TAG) == kind and (name is None or run.data.tags.get(MODEL_TAG) == name):
-            return run
-    return None
+# --- data roles ---------------------------------------------------------------------------------------------
 
 
-def _succeeded(run) -> bool:
-    return run is not None and run.data.tags.get(STATUS_TAG) == "succeeded"
+def materialize_roles(cfg: PipelineConfig, parent_id: str, folder: Path) -> RoleFiles:
+    """Resolve the roles once (splitting validation off the train rows when no file is given), write them as CSVs
+    into `folder`, log them to the parent under `data/` with their row counts and digests, and return the paths."""
+    import mlflow
+
+    from dialogsum.data import dataset_rows_digest
+
+    d = cfg.data
+    no_files = not (d.train or d.validation or d.test)
+    roles: DataRoles = load_data_roles(d.train, d.validation, d.test, validation_fraction=d.validation_fraction)
+    predict = read_dialogues(d.predict or sample_data_path("test"), require_summary=False) if (d.predict or no_files) else None
+    sets = {**roles.sets(), **({"predict": predict} if predict is not None else {})}
+    paths = {role: write_dialogues(data, folder / f"{role}.csv") for role, data in sets.items()}
+    client = mlflow.MlflowClient()
+    for path in paths.values():
+        client.log_artifact(parent_id, str(path), DATA_ARTIFACT_DIR)
+    params = {f"data.{role}.{key}": value for role, data in sets.items()
+              for key, value in (("source", data.report.path), ("rows", len(data)), ("file_digest", data.report.digest),
+                                 ("selection", data.report.selection or "all rows"))}  # fmt: skip
+    params["data.validation_fraction"] = d.validation_fraction if not d.validation else "a validation file"
+    mlflow.log_params(params)
+    mlflow.set_tags({VAL_ROWS_TAG: dataset_rows_digest(roles.validation)})
+    return RoleFiles(paths["train"], paths["validation"], paths.get("test"), paths.get("predict"))
+
+
+def downloaded_roles(parent_id: str, folder: Path) -> RoleFiles:
+    """The role files a pipeline logged when it started (for `--resume`)."""
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts(run_id=parent_id, artifact_path=DATA_ARTIFACT_DIR, dst_path=str(folder)))
+    found = {role: local / f"{role}.csv" for role in ROLE_FILES if (local / f"{role}.csv").is_file()}
+    return RoleFiles(found["train"], found["validation"], found.get("test"), found.get("predict"))
+
+
+# --- the pipeline -------------------------------------------------------------------------------------------
 
 
 class Pipeline:
-    def __init__(self, cfg: PipelineConfig, parent_id: str, log_dir: Path):
+    def __init__(self, cfg: PipelineConfig, parent_id: str, files: RoleFiles, log_dir: Path):
         self.cfg = cfg
         self.parent_id = parent_id
+        self.files = files
         self.log_dir = log_dir
 
     def run(self, resume: bool) -> None:
@@ -149,12 +188,12 @@ class Pipeline:
 
         console = Console(stderr=True)
         children = latest_children(self.parent_id) if resume else []
-        todo = [m for m in self.cfg.models if not (resume and _succeeded(_find(children, "train", self._canonical(m))))]
+        todo = [m for m in self.cfg.models if not (resume and succeeded(find_child(children, "train", self._canonical(m))))]
         if "train" in self.cfg.steps:
             self._train_models(todo, console)
         children = latest_children(self.parent_id)
-        for step in ("evaluate_solar", "ensemble", "optimize", "register"):
-            if step in self.cfg.steps and not (resume and _succeeded(_find(children, _STEP_KIND[step]))):
+        for step in ("evaluate_solar", "ensemble", "optimize", "register", "predict"):
+            if step in self.cfg.steps and not (resume and succeeded(find_child(children, _STEP_KIND[step]))):
                 console.print(f"[bold]{step}[/bold] ...")
                 getattr(self, f"_step_{step}")(children)
                 children = latest_children(self.parent_id)
@@ -168,8 +207,12 @@ class Pipeline:
         except ConfigError:
             return model.name
 
+    def _data_args(self) -> list[str]:
+        args = ["--train-data", str(self.files.train), "--validation-data", str(self.files.validation)]
+        return args + (["--test-data", str(self.files.test)] if self.files.test else [])
+
     def _train_models(self, models: list[PipelineModel], console) -> None:
-        data_paths = [p for p in (self.cfg.data.train, self.cfg.data.eval) if p]
+        data_paths = [p for p in (self.files.train, self.files.validation, self.files.test) if p]
         verdicts = run_preflight([m.name for m in models], data_paths, {m.name: m.overrides for m in models})
         for verdict in verdicts:
             if not verdict.ok:
@@ -181,7 +224,7 @@ class Pipeline:
             name = verdict.config.name if verdict.config else model.name
             run_id = create_child_run(self.parent_id, name, "train", {MODEL_TAG: name})
             console.print(f"[bold]train[/bold] {name} → run {run_id}")
-            command = ["train", "--model", name, *_data_args(self.cfg), *_set_args(model.overrides)]
+            command = ["train", "--model", name, *self._data_args(), *_set_args(model.overrides)]
             outcome = _run_stage_process(run_id, "train", command, self.cfg.timeouts.train, self.log_dir)
             console.print(f"  {name}: {outcome.status}")
 
@@ -194,17 +237,17 @@ class Pipeline:
             _record_skipped(self.parent_id, "solar-api", "solar", str(e))
             return
         s = self.cfg.solar
-        command = ["evaluate-solar", "--data", self.cfg.data.eval or str(_sample("dev"))]
+        command = ["evaluate-solar", "--data", str(self.files.validation), "--train-data", str(self.files.train)]
+        if self.files.test:
+            command += ["--test-data", str(self.files.test)]
         for flag, value in (("--model", s.model), ("--prompt", s.prompt), ("--n-samples", s.n_samples),
                             ("--concurrency", s.concurrency), ("--rpm", s.rpm)):  # fmt: skip
             if value is not None:
                 command += [flag, str(value)]
-        if self.cfg.data.train:
-            command += ["--train-data", self.cfg.data.train]
         self._spawn("solar-api", "solar", command, self.cfg.timeouts.evaluate_solar)
 
     def _step_ensemble(self, children: list) -> None:
-        sources = [r for r in children if r.data.tags.get(KIND_TAG) in ("train", "solar") and _succeeded(r)]
+        sources = [r for r in children if r.data.tags.get(KIND_TAG) in ("train", "solar") and succeeded(r)]
         if len(sources) < 2:
             names = ", ".join(r.data.tags.get(MODEL_TAG, "?") for r in sources) or "none"
             _record_skipped(self.parent_id, "ensemble", "ensemble",
@@ -214,58 +257,100 @@ class Pipeline:
         self._spawn("ensemble", "ensemble", command, self.cfg.timeouts.ensemble)
 
     def _step_optimize(self, children: list) -> None:
-        best = _best_train_run(children, self.cfg.register_.metric)
+        best = best_train_run(children)
         if best is None:
             _record_skipped(self.parent_id, "optimize", "optimize", "no successfully trained model to optimise")
             return
         o = self.cfg.optimize
         command = ["optimize", "--run", best.info.run_id, "--quantization", o.quantization,
-                   "--batch-sizes", ",".join(map(str, o.batch_sizes))]  # fmt: skip
-        if self.cfg.data.eval:
-            command += ["--data", self.cfg.data.eval]
+                   "--batch-sizes", ",".join(map(str, o.batch_sizes)), "--data", str(self.files.validation)]  # fmt: skip
+        if self.files.test:
+            command += ["--test-data", str(self.files.test)]
         if o.n_samples:
             command += ["--n-samples", str(o.n_samples)]
         self._spawn(f"optimize:{best.data.tags.get(MODEL_TAG)}", "optimize", command, self.cfg.timeouts.optimize)
 
     def _step_register(self, children: list) -> None:
-        if _best_train_run(children, self.cfg.register_.metric) is None:
+        if best_train_run(children) is None:
             _record_skipped(self.parent_id, "register", "register", "no successfully trained model to register")
             return
         r = self.cfg.register_
         command = ["register", "--parent", self.parent_id, "--metric", r.metric, "--name", r.name]
         self._spawn("register", "register", command, self.cfg.timeouts.register_)
 
+    def _step_predict(self, children: list) -> None:
+        if self.files.predict is None:
+            _record_skipped(self.parent_id, "predict", "predict", "no data.predict file to write a submission for")
+            return
+        source, why = predict_source(children, self.cfg.register_.name)
+        if source is None:
+            _record_skipped(self.parent_id, "predict", "predict", why)
+            return
+        out = self.log_dir / SUBMISSION_FILE
+        command = ["predict", *source, "--data", str(self.files.predict), "--out", str(out), "--source-reason", why]
+        self._spawn("predict", "predict", command, self.cfg.timeouts.predict)
+
     def _spawn(self, name: str, kind: str, command: list[str], timeout_s: float) -> StageOutcome:
         run_id = create_child_run(self.parent_id, name, kind, {MODEL_TAG: name})
         return _run_stage_process(run_id, kind, command, timeout_s, self.log_dir)
 
 
-_STEP_KIND = {"evaluate_solar": "solar", "ensemble": "ensemble", "optimize": "optimize", "register": "register"}
+_STEP_KIND = {"evaluate_solar": "solar", "ensemble": "ensemble", "optimize": "optimize", "register": "register",
+              "predict": "predict"}  # fmt: skip
 
 
-def _sample(split: str) -> Path:
-    from dialogsum.data import sample_data_path
+def predict_source(children: list, registered_name: str) -> tuple[list[str] | None, str]:
+    """What writes the submission: the ensemble when it beats the champion on validation (the same rows), else the
+    champion; without a champion, the best training child. Returns (predict arguments, why) or (None, why not)."""
+    import mlflow
 
-    return sample_data_path(split)
+    from dialogsum.registry import CHAMPION_ALIAS
+    from dialogsum.serving import run_model_uri
+
+    champion = None
+    try:
+        version = mlflow.MlflowClient().get_model_version_by_alias(registered_name, CHAMPION_ALIAS)
+        champion = (version, mlflow.get_run(version.run_id))
+    except mlflow.exceptions.MlflowException:
+        pass
+    ensemble = find_child(children, "ensemble")
+    ensemble = ensemble if succeeded(ensemble) and run_metric(ensemble, SELECTION_METRIC) is not None else None
+    if champion is None:
+        best = best_train_run(children)
+        if best is None:
+            return None, f"no {registered_name}@{CHAMPION_ALIAS} and no successfully trained model"
+        champion_args = ["--model-uri", run_model_uri(best.info.run_id)]
+        label, champion_run = f"the best training child {best.data.tags.get(MODEL_TAG)} (no {registered_name}@{CHAMPION_ALIAS})", best
+    else:
+        version, champion_run = champion
+        champion_args = ["--model-uri", f"models:/{registered_name}/{version.version}"]
+        label = f"{registered_name}@{CHAMPION_ALIAS} (version {version.version})"
+    if ensemble is None:
+        return champion_args, f"{label}: no succeeded ensemble to compare with"
+    if ensemble.data.tags.get(VAL_ROWS_TAG) != champion_run.data.tags.get(VAL_ROWS_TAG):
+        return champion_args, f"{label}: the ensemble was validated on other rows, so they are not compared"
+    ens, champ = run_metric(ensemble, SELECTION_METRIC), run_metric(champion_run, SELECTION_METRIC)
+    if champ is None or ens > champ:
+        return ["--ensemble-run", ensemble.info.run_id], f"the ensemble (val_final {ens:.2f}) beats {label} (val_final {champ})"
+    return champion_args, f"{label} (val_final {champ:.2f}) is not beaten by the ensemble (val_final {ens:.2f})"
 
 
-def _best_train_run(children: list, metric: str):
-    scored = [(run_metric(r, metric), r) for r in children if r.data.tags.get(KIND_TAG) == "train" and _succeeded(r)]
-    scored = [(v, r) for v, r in scored if v is not None]
-    return max(scored, key=lambda vr: vr[0])[1] if scored else None
-
-
-def _summarize_parent(parent_id: str) -> dict[str, str]:
-    """Count tags and the best model, from the latest attempt of each child in the store."""
+def summarize_parent(parent_id: str) -> tuple[dict[str, str], dict[str, float]]:
+    """(tags, metrics) of the parent from the latest attempt of each child: counts, the best model and its scores."""
     latest = latest_children(parent_id)
     statuses = [r.data.tags.get(STATUS_TAG) for r in latest]
-    tags = {f"dialogsum.{s}": str(statuses.count(s)) for s in ("succeeded", "failed", "skipped")}
-    best = _best_train_run(latest, "eval_final")
+    counts = {s: statuses.count(s) for s in ("succeeded", "failed", "skipped", "killed")}
+    tags = {f"dialogsum.{s}": str(n) for s, n in counts.items()}
+    metrics = {f"children_{s}": float(n) for s, n in counts.items()}
+    best = best_train_run(latest)
     if best is not None:
-        tags["dialogsum.best_model"] = best.data.tags.get(MODEL_TAG, "")
-        tags["dialogsum.best_run"] = best.info.run_id
-        tags["dialogsum.best_eval_final"] = f"{run_metric(best, 'eval_final'):.2f}"
-    return tags
+        tags.update({"dialogsum.best_model": best.data.tags.get(MODEL_TAG, ""), "dialogsum.best_run": best.info.run_id})
+        for key in ("val_final", "val_final_ci95_low", "val_final_ci95_high", "test_final", "test_final_ci95_low", "test_final_ci95_high"):
+            value = run_metric(best, key)
+            if value is not None:
+                metrics[f"best_{key}"] = value
+        tags["dialogsum.best_val_final"] = f"{run_metric(best, 'val_final'):.2f}"
+    return tags, metrics
 
 
 def run_pipeline(config_path: str | Path | None = None, resume_run_id: str | None = None) -> str:
@@ -286,12 +371,18 @@ def run_pipeline(config_path: str | Path | None = None, resume_run_id: str | Non
     configure_tracking(cfg.experiment)
     with tempfile.TemporaryDirectory(prefix="dialogsum-pipeline-") as tmp:
         with tracked_run(run_name=cfg.name, kind="pipeline", run_id=resume_run_id) as parent:
-            if not resume_run_id:
+            parent.set_stage("data")
+            if resume_run_id:
+                files = downloaded_roles(parent.run_id, Path(tmp))
+            else:
                 log_config(cfg.model_dump(), PIPELINE_CONFIG_ARTIFACT)
+                files = materialize_roles(cfg, parent.run_id, Path(tmp) / "data")
             parent.set_stage("children")
-            Pipeline(cfg, parent.run_id, Path(tmp)).run(resume=bool(resume_run_id))
+            Pipeline(cfg, parent.run_id, files, Path(tmp)).run(resume=bool(resume_run_id))
             parent.set_stage("report")
-            mlflow.set_tags(_summarize_parent(parent.run_id))
+            tags, metrics = summarize_parent(parent.run_id)
+            mlflow.set_tags(tags)
+            mlflow.log_metrics(metrics)
             write_report(parent.run_id)
     return parent.run_id
 

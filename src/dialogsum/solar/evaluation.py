@@ -3,10 +3,12 @@
 Settings come from `configs/solar.yaml` (model, endpoint, generation parameters, client limits, prices) with
 command-line overrides; prompts are versioned YAML templates in `configs/prompts/`. Few-shot examples are drawn
 from the training data, never from the rows being evaluated. Every paid answer goes to a persistent cache
-(`dialogsum.solar.cache`), so a re-run or a resumed run pays for nothing twice. The run logs the parameters (never the
-key), Korean ROUGE over the rows that got an answer, API metrics (latency, tokens, cost, cache hits, retries,
-failed rows), the predictions table and the prompt template. Rows that failed after all retries are listed in
-`failed_rows.json`, counted, and left out of ROUGE (never scored as empty strings).
+(`dialogsum.solar.cache`), so a re-run or a resumed run pays for nothing twice. The run logs the parameters (never
+the key), Korean ROUGE on the validation rows (`val_*`) and, when given, the test rows (`test_*`), API metrics
+(latency, tokens, cost, cache hits, retries, failed rows), the prediction tables and the prompt template. A row that
+failed after all retries is listed in `failed_rows.json` and scores 0 in `*_final` (computed over every requested
+row, so Solar ranks fairly against trained models on the same rows); `*_final_answered` is the score over the
+answered rows, beside `*_answered_fraction`.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from dialogsum.config import ConfigError, StrictModel, configs_dir, load_yaml, parse_config
-from dialogsum.data import Dialogue, DialogueSet, read_dialogues, sample_data_path
+from dialogsum.data import Dialogue, DialogueSet, check_disjoint, read_dialogues, sample_data_path
 from dialogsum.solar.cache import CompletionCache, default_cache_dir, request_key
 from dialogsum.solar.client import ClientSettings, Completion, SolarClient
-from dialogsum.tracking import MODEL_TAG, configure_tracking, log_config, log_predictions, tracked_run
+from dialogsum.tracking import MODEL_TAG, PREDICTIONS_ARTIFACT, configure_tracking, log_config, log_predictions, tracked_run
 
 DEFAULT_BASE_URL = "https://api.upstage.ai/v1"
 API_KEY_ENVS = ("UPSTAGE_API_KEY", "SOLAR_API_KEY")
@@ -162,10 +164,10 @@ def load_prompt(name: str) -> tuple[PromptTemplate, Path]:
     return template, path
 
 
-def few_shot_examples(template: PromptTemplate, train: DialogueSet, evaluated: DialogueSet) -> list[Dialogue]:
+def few_shot_examples(template: PromptTemplate, train: DialogueSet, evaluated: list[DialogueSet]) -> list[Dialogue]:
     """`template.shots` labelled training rows, none of them (by fname or text) among the evaluated rows."""
-    excluded_names = set(evaluated.fnames)
-    excluded_texts = set(evaluated.dialogues)
+    excluded_names = {f for data in evaluated for f in data.fnames}
+    excluded_texts = {d for data in evaluated for d in data.dialogues}
     eligible = [
         row
         for row in train.rows
@@ -204,6 +206,7 @@ def build_requests(
 def evaluate_solar(
     data_path: str | Path,
     *,
+    test_path: str | Path | None = None,
     model: str | None = None,
     prompt: str | None = None,
     n_samples: int | None = None,
@@ -218,7 +221,8 @@ def evaluate_solar(
     max_tokens: int | None = None,
     config_path: str | Path | None = None,
 ) -> str:
-    """Evaluate the Solar API on the labelled CSV at `data_path`; returns the MLflow run id.
+    """Evaluate the Solar API on the labelled CSV at `data_path` (the validation rows, `val_*`) and, when given, on
+    `test_path` (`test_*`); returns the MLflow run id.
 
     Raises MissingApiKey (before any run exists) when no key is set; FatalApiError when the API refuses the key
     or the request; SolarEvaluationError when every row failed (the run is then FAILED, its rows still logged).
@@ -237,11 +241,14 @@ def evaluate_solar(
     }
     config = load_solar_config(Path(config_path) if config_path else None, overrides)
     endpoint = base_url or os.environ.get(BASE_URL_ENV) or config.base_url
-    dataset = read_dialogues(data_path, require_summary=True).head(n_samples)
+    roles = {"val": read_dialogues(data_path, require_summary=True).head(n_samples)}
+    if test_path:
+        roles["test"] = read_dialogues(test_path, require_summary=True).head(n_samples)
+    check_disjoint({"validation" if k == "val" else k: v for k, v in roles.items()})
     template, template_file = load_prompt(config.prompt)
     train = read_dialogues(train_path or sample_data_path("train"), require_summary=True) if template.shots else None
-    examples = few_shot_examples(template, train, dataset) if train is not None else []
-    requests = build_requests(dataset, template, examples, config, endpoint)
+    examples = few_shot_examples(template, train, list(roles.values())) if train is not None else []
+    requests = {role: build_requests(data, template, examples, config, endpoint) for role, data in roles.items()}
 
     configure_tracking()
     model_tag = f"solar-api:{config.model}"
@@ -256,17 +263,17 @@ def evaluate_solar(
                 endpoint=client.redact(endpoint),
                 template=template,
                 template_file=template_file,
-                dataset=dataset,
+                roles=roles,
                 train=train,
                 examples=examples,
                 cache=cache,
-                first_request=requests[0],
+                first_request=requests["val"][0],
             )
             with ctx.stage_of("generate"):
-                answers = _generate(requests, cache, client, config, template)
+                answers = _generate([r for rs in requests.values() for r in rs], cache, client, config, template)
             with ctx.stage_of("score"):
-                table = _score(requests, answers)
-            _log_results(table, answers, client, config.pricing)
+                tables = {role: _score(role_requests, answers) for role, role_requests in requests.items()}
+            _log_results(tables, roles, answers, client, config.pricing)
             return ctx.run_id
 
 
@@ -331,7 +338,7 @@ def _log_setup(
     config: SolarConfig,
     endpoint: str,
     template: PromptTemplate,
-    dataset: DialogueSet,
+    roles: dict[str, DialogueSet],
     train: DialogueSet | None,
     examples: list[Dialogue],
     cache: CompletionCache,
@@ -340,6 +347,7 @@ def _log_setup(
 ) -> None:
     import mlflow
 
+    data = {f"{role}_{k}": v for role, d in roles.items() for k, v in (("path", d.report.path), ("digest", d.report.digest), ("rows", len(d)))}
     log_config(
         {
             "model": config.model,
@@ -355,9 +363,7 @@ def _log_setup(
             "client": config.client.model_dump(),
             "pricing": config.pricing.model_dump(),
             "data": {
-                "path": dataset.report.path,
-                "digest": dataset.report.digest,
-                "rows": len(dataset),
+                **data,
                 "train_path": train.report.path if train is not None else None,
                 "train_digest": train.report.digest if train is not None else None,
             },
@@ -368,29 +374,49 @@ def _log_setup(
     mlflow.log_dict(first_request.payload, "prompt/first_request.json")
 
 
-def _log_results(table: list[dict[str, Any]], answers: Answers, client: SolarClient, pricing: Pricing) -> None:
+def _log_results(
+    tables: dict[str, list[dict[str, Any]]], roles: dict[str, DialogueSet], answers: Answers, client: SolarClient, pricing: Pricing
+) -> None:
+    """Per role: the predictions table, `<role>_*` ROUGE over every requested row (a failed row scores 0) with its
+    interval, `<role>_final_answered` over the answered rows, `<role>_answered_fraction`, the rows digest; then
+    the API metrics and `failed_rows.json`."""
     import mlflow
 
+    from dialogsum.data import dataset_rows_digest
     from dialogsum.metrics import aggregate
+    from dialogsum.stats import bootstrap_mean
+    from dialogsum.tracking import TEST_PREDICTIONS_ARTIFACT, TEST_ROWS_TAG, VAL_ROWS_TAG
 
-    scored = [row for row in table if row["error"] is None]
-    failed = [{"fname": row["fname"], "error": row["error"]} for row in table if row["error"] is not None]
-    log_predictions(table)
-    mlflow.set_tag(SCOPE_TAG, _scope(len(scored), len(table), len(failed)))
-    mlflow.log_metrics(_api_metrics(table, answers, client, pricing))
+    every_row = [row for table in tables.values() for row in table]
+    failed = [{"role": role, "fname": row["fname"], "error": row["error"]} for role, table in tables.items()
+              for row in table if row["error"] is not None]  # fmt: skip
+    for role, table in tables.items():
+        log_predictions(table, PREDICTIONS_ARTIFACT if role == "val" else TEST_PREDICTIONS_ARTIFACT)
+    mlflow.set_tag(SCOPE_TAG, "; ".join(f"{role}: {_scope(table)}" for role, table in tables.items()))
+    mlflow.set_tags({VAL_ROWS_TAG if role == "val" else TEST_ROWS_TAG: dataset_rows_digest(data) for role, data in roles.items()})
+    mlflow.log_metrics(_api_metrics(every_row, answers, client, pricing))
     if failed:
         mlflow.log_dict(failed, FAILED_ROWS_ARTIFACT)
-    if not scored:
-        first = failed[0]["error"]
-        raise SolarEvaluationError(f"all {len(table)} rows failed; see {FAILED_ROWS_ARTIFACT} (first: {first})")
-    scores = aggregate([{k: row[k] for k in ROUGE_COLUMNS} for row in scored])
-    mlflow.log_metrics({f"eval_{k}": v for k, v in scores.items()})
+    if not any(row["error"] is None for row in every_row):
+        raise SolarEvaluationError(f"all {len(every_row)} rows failed; see {FAILED_ROWS_ARTIFACT} (first: {failed[0]['error']})")
+    for role, table in tables.items():
+        all_rows = [{k: (row[k] if row["error"] is None else 0.0) for k in ROUGE_COLUMNS} for row in table]
+        answered = [{k: row[k] for k in ROUGE_COLUMNS} for row in table if row["error"] is None]
+        interval = bootstrap_mean([r["final"] for r in all_rows])
+        metrics = {f"{role}_{k}": v for k, v in aggregate(all_rows).items()}
+        metrics.update({f"{role}_final_ci95_low": interval.low, f"{role}_final_ci95_high": interval.high,
+                        f"{role}_answered_fraction": len(answered) / len(table)})  # fmt: skip
+        if answered:
+            metrics[f"{role}_final_answered"] = aggregate(answered)["final"]
+        mlflow.log_metrics(metrics)
 
 
-def _scope(scored: int, rows: int, failed: int) -> str:
+def _scope(table: list[dict[str, Any]]) -> str:
+    failed = sum(row["error"] is not None for row in table)
     if not failed:
-        return f"all {rows} rows"
-    return f"{scored} of {rows} rows; {failed} failed rows excluded from ROUGE (see {FAILED_ROWS_ARTIFACT})"
+        return f"all {len(table)} rows answered"
+    return (f"{len(table) - failed} of {len(table)} rows answered; the {failed} failed rows score 0 in *_final "
+            f"(*_final_answered leaves them out; see {FAILED_ROWS_ARTIFACT})")  # fmt: skip
 
 
 def _api_metrics(
@@ -401,8 +427,9 @@ def _api_metrics(
     tokens_out = sum(c.tokens_out for c in fresh)
     metrics = {
         "rows": len(table),
-        "scored_rows": sum(row["error"] is None for row in table),
+        "answered_rows": sum(row["error"] is None for row in table),
         "failed_rows": sum(row["error"] is not None for row in table),
+        "answered_fraction": sum(row["error"] is None for row in table) / max(len(table), 1),
         "cache_hits": sum(row["cached"] for row in table),
         "api_requests": client.stats.attempts,
         "retries": client.stats.retries,

@@ -1,0 +1,41 @@
+"""Reading a pipeline's children back from the MLflow store: the latest attempt of each step, and the best one."""
+
+from __future__ import annotations
+
+from dialogsum.tracking import KIND_TAG, MODEL_TAG, STATUS_TAG, run_metric
+
+SELECTION_METRIC = "val_final"
+
+
+def latest_children(parent_id: str) -> list:
+    """The parent's children, keeping the latest attempt per (kind, model), in start order."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    parent = client.get_run(parent_id)
+    runs = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=1000
+    )
+    latest = {}
+    for r in sorted(runs, key=lambda r: r.info.start_time):
+        latest[(r.data.tags.get(KIND_TAG), r.data.tags.get(MODEL_TAG))] = r
+    return sorted(latest.values(), key=lambda r: r.info.start_time)
+
+
+def find_child(children: list, kind: str, name: str | None = None):
+    """The latest attempt of a step (and model) among a pipeline's children, or None."""
+    for run in reversed(children):
+        if run.data.tags.get(KIND_TAG) == kind and (name is None or run.data.tags.get(MODEL_TAG) == name):
+            return run
+    return None
+
+
+def succeeded(run) -> bool:
+    return run is not None and run.data.tags.get(STATUS_TAG) == "succeeded"
+
+
+def best_train_run(children: list, metric: str = SELECTION_METRIC):
+    """The succeeded training child with the best validation `metric` (all children share the validation rows)."""
+    scored = [(run_metric(r, metric), r) for r in children if r.data.tags.get(KIND_TAG) == "train" and succeeded(r)]
+    scored = [(v, r) for v, r in scored if v is not None]
+    return max(scored, key=lambda vr: vr[0])[1] if scored else None
