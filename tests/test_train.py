@@ -169,7 +169,8 @@ def test_sigterm_marks_the_run_killed(mlflow_store):
 def test_mlflow_run_entry_point_trains_kobart_tiny(mlflow_store):
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store}
     result = subprocess.run(
-        ["mlflow", "run", str(REPO), "-e", "train", "-P", "model=kobart-tiny", "--env-manager", "local"],
+        ["mlflow", "run", str(REPO), "-e", "train", "-P", "model=kobart-tiny", "-P", "epochs=2", "--env-manager", "local",
+         "-P", "set=generation.max_new_tokens=8 training.max_validation_samples=4 training.max_test_samples=4"],
         capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
