@@ -242,6 +242,32 @@ def test_losing_the_experiment_creation_race_still_logs_into_the_experiment(mlfl
     assert mlflow.get_run(run.run_id).info.experiment_id == winner_id
 
 
+def test_losing_the_experiment_tag_race_still_opens_the_runs_table(mlflow_store, monkeypatch):
+    """Two stages tagging a new experiment at once: a PostgreSQL-backed server inserts the tag for both and one
+    gets a unique-key error (seen in CI). The race cannot be timed here, so the other stage's insert lands just
+    before this one's and the server's error is raised; configure_tracking finds the tag there and goes on."""
+    from mlflow.exceptions import MlflowException
+
+    experiment_id = MlflowClient().create_experiment("tag-race")
+    real_set_tag = MlflowClient.set_experiment_tag
+
+    def lose_the_race(self, experiment_id, key, value):
+        real_set_tag(self, experiment_id, key, value)  # the other stage's insert
+        raise MlflowException('BAD_REQUEST: (psycopg2.errors.UniqueViolation) duplicate key value violates unique '
+                              'constraint "experiment_tag_pk"')  # fmt: skip
+
+    monkeypatch.setattr(MlflowClient, "set_experiment_tag", lose_the_race)
+    configure_tracking("tag-race")
+    assert MlflowClient().get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+    def refuse(self, experiment_id, key, value):
+        raise MlflowException("PERMISSION_DENIED: read-only experiment")
+
+    monkeypatch.setattr(MlflowClient, "set_experiment_tag", refuse)
+    with pytest.raises(MlflowException, match="read-only"):
+        configure_tracking("tag-race-refused")
+
+
 def test_basic_auth_refuses_a_client_without_credentials(team_server: TrackingServer):  # noqa: F811
     done = subprocess.run(_train_command(), env=_client_env(**team_server.client_env(with_credentials=False)),
                           capture_output=True, text=True, timeout=300)  # fmt: skip

@@ -91,12 +91,29 @@ def configure_tracking(experiment: str | None = None) -> str:
             # active, and this process's runs would land in "Default"; activating it by id is always safe.
             mlflow.set_experiment(experiment_id=found.experiment_id)
             if EXPERIMENT_KIND_TAG not in found.tags:
-                mlflow.MlflowClient().set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+                _tag_experiment_kind(found.experiment_id)
         except Exception as e:
             if "401" in str(e) or "403" in str(e) or "Unauthorized" in str(e):
                 raise TrackingError(f"MLflow tracking server {uri} refused the credentials: {e}") from e
             raise
     return uri
+
+
+def _tag_experiment_kind(experiment_id: str) -> None:
+    """Open the experiment on the runs table in the MLflow UI; a concurrent process setting the same tag is fine.
+
+    A tracking server on PostgreSQL inserts experiment tags, so two stages tagging a new experiment at the same
+    moment make one of them fail on the primary key; the tag is then there, which is all that was asked.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    try:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    except MlflowException:
+        if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:
+            raise
 
 
 def _probe_server(uri: str) -> None:
