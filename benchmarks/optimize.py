@@ -117,7 +117,7 @@ def quality(args, workdir: Path) -> None:
     from dialogsum.data import read_dialogues, write_dialogues
     from dialogsum.optimize import SweepSettings, optimize_run
     from dialogsum.quantize import VARIANTS, resolve_variants
-    from dialogsum.train import train_model
+    from dialogsum.training.recipe import train_model
 
     data = read_dialogues(LABELLED)
     cut = len(data) - args.quality_samples

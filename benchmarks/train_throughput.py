@@ -38,7 +38,7 @@ def train_seconds(overrides: dict, train, validation, track: bool) -> float:
 
     from dialogsum.config import load_model_config
     from dialogsum.data import DataRoles
-    from dialogsum.train import run_training
+    from dialogsum.training.recipe import run_training
 
     cfg = load_model_config("kobart-tiny", overrides)
     roles = DataRoles(train, validation, None)

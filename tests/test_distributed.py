@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from tracking_server import free_port
 
 from dialogsum.data import sample_data_path
-from dialogsum.train import EPOCH_METRICS
+from dialogsum.training.recipe import EPOCH_METRICS
 
 PROCESSES = 2
 EPOCHS = 2

@@ -470,7 +470,7 @@ def test_mbr_over_three_differently_trained_tiny_models(experiment):
     """Three kobart-tiny models (random init, a tokenizer trained from the sample) trained with different seeds and
     learning rates on the sample's training rows, validated on rows held out of them and tested on its dev rows;
     prints each source's validation and test ROUGE, MBR's and the oracle's (no threshold: tiny random-init models)."""
-    from dialogsum.train import train_model
+    from dialogsum.training.recipe import train_model
 
     base = {"training.epochs": 1, "generation.max_new_tokens": 16}
     settings = [{"training.seed": 1}, {"training.seed": 2, "training.learning_rate": 3e-3},

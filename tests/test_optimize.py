@@ -75,7 +75,7 @@ def test_csv() -> Path:
 
 @pytest.fixture(scope="module")
 def trained_run(module_store) -> str:
-    from dialogsum.train import train_model
+    from dialogsum.training.recipe import train_model
 
     return train_model("kobart-tiny", overrides={"training.epochs": 1, "training.max_train_samples": 32,
                                                  "training.max_test_samples": 4, "generation.max_new_tokens": 8})  # fmt: skip

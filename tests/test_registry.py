@@ -201,7 +201,7 @@ def test_ties_go_to_fewer_parameters_then_the_earlier_run():
 @pytest.fixture(scope="module")
 def pipeline(module_store) -> SimpleNamespace:
     """A parent `pipeline` run with two trained kobart-tiny children; `better`/`worse` by validation."""
-    from dialogsum.train import train_model
+    from dialogsum.training.recipe import train_model
 
     base = {"training.epochs": 1, "training.max_train_samples": 24, "training.max_validation_samples": 8,
             "training.max_test_samples": 8, "generation.max_new_tokens": 8}  # fmt: skip

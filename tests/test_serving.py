@@ -40,7 +40,7 @@ FAST_GENERATION = {"num_beams": 1, "max_new_tokens": 8}
 @pytest.fixture(scope="module")
 def champion(module_store) -> str:
     """Train one tiny model and register it as the champion; returns its source run id."""
-    from dialogsum.train import train_model
+    from dialogsum.training.recipe import train_model
 
     configure_tracking()
     train_model("kobart-tiny", overrides={"training.epochs": 1, "training.max_train_samples": 32,

@@ -23,7 +23,7 @@ from mlflow import MlflowClient
 from tracking_server import TrackingServer, free_port, query, team_server  # noqa: F401 - team_server is a fixture
 
 from dialogsum.tracking import STATUS_TAG, TrackingError, configure_tracking, load_predictions, tracked_run
-from dialogsum.train import EPOCH_METRICS
+from dialogsum.training.recipe import EPOCH_METRICS
 
 EPOCHS = 2
 TRAIN_ROWS = 16

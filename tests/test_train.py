@@ -16,7 +16,7 @@ import mlflow
 import pytest
 
 from dialogsum.data import DataError, dataset_rows_digest, read_dialogues, sample_data_path, split_validation
-from dialogsum.train import EPOCH_METRICS, train_model
+from dialogsum.training.recipe import EPOCH_METRICS, train_model
 
 REPO = Path(__file__).resolve().parents[1]
 HANGUL = re.compile(r"[\uac00-\ud7a3]")

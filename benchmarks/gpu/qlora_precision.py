@@ -43,7 +43,7 @@ def train_steps(precision: str, steps: int) -> dict:
     from dialogsum.features import EpochSeededSampler, build_collator, tokenize_rows
     from dialogsum.models import build_model, load_tokenizer
     from dialogsum.precision import detect_device, resolve_precision
-    from dialogsum.train import train_epoch
+    from dialogsum.training.recipe import train_epoch
 
     cfg = load_model_config("llama-tiny", {**OVERRIDES, "precision": precision})
     policy = resolve_precision(cfg.precision, detect_device())

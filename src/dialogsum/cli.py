@@ -86,7 +86,7 @@ def train(
     from dialogsum.data import DataError
     from dialogsum.preflight import PreflightError
     from dialogsum.tracking import TrackingError
-    from dialogsum.train import train_model
+    from dialogsum.training.recipe import train_model
 
     overrides = {
         "training.epochs": epochs,

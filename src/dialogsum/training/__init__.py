@@ -1,0 +1,1 @@
+"""Training: the `train` recipe and its checkpoints."""
