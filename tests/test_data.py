@@ -202,7 +202,7 @@ def sample_trained():
     """A tokenizer trained from the bundled sample's training rows, as a tiny model without tokenizer.path gets."""
     cfg = load_model_config("kobart-tiny")
     train = read_dialogues(sample_data_path("train"))
-    return cfg, load_tokenizer(cfg, train.dialogues + train.summaries, train.report.digest)
+    return cfg, load_tokenizer(cfg, train.dialogues + train.summaries)
 
 
 @pytest.mark.parametrize(

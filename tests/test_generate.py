@@ -23,7 +23,7 @@ BATCH_SIZE = 3
 def model_and_dialogues():
     cfg = load_model_config("kobart-tiny")
     train = read_dialogues(sample_data_path("train"))
-    tokenizer = load_tokenizer(cfg, train.dialogues + train.summaries, train.report.digest)
+    tokenizer = load_tokenizer(cfg, train.dialogues + train.summaries)
     torch.manual_seed(0)
     model = build_model(cfg, tokenizer, resolve_precision("fp32", detect_device()), for_training=False).model
     rows = read_dialogues(sample_data_path("dev"), require_summary=True).head(6).rows

@@ -48,7 +48,7 @@ def train_steps(precision: str, steps: int) -> dict:
     cfg = load_model_config("llama-tiny", {**OVERRIDES, "precision": precision})
     policy = resolve_precision(cfg.precision, detect_device())
     data = read_dialogues(sample_data_path("train"))
-    tokenizer = load_tokenizer(cfg, data.dialogues + data.summaries, data.report.digest)
+    tokenizer = load_tokenizer(cfg, data.dialogues + data.summaries)
     built = build_model(cfg, tokenizer, policy)
     accelerator = Accelerator(mixed_precision=policy.mixed_precision)
     examples = tokenize_rows(cfg, tokenizer, data.dialogues, data.summaries)

@@ -67,7 +67,7 @@ def _fail(error: Exception) -> None:
 
 @app.command()
 def train(
-    model: Annotated[str, typer.Option(help="Model name or alias (see `dialogsum models`)")],
+    model: Annotated[Optional[str], typer.Option(help="Model name or alias (see `dialogsum models`); with --resume, taken from the run")] = None,
     train_data: Annotated[Optional[Path], typer.Option(help="Labelled training CSV (default: bundled sample)")] = None,
     validation_data: Annotated[Optional[Path], typer.Option(help="Labelled CSV that chooses the best epoch (default: --validation-fraction of the training rows)")] = None,
     test_data: Annotated[Optional[Path], typer.Option(help="Labelled CSV the chosen checkpoint is reported on (default: none; with no data given, the bundled dev sample)")] = None,
@@ -80,12 +80,14 @@ def train(
     max_test_samples: Annotated[Optional[int], typer.Option(help="Use only the first N test rows")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Config override key=value (repeatable), e.g. training.seed=3")] = None,
     parent_run_id: Annotated[Optional[str], typer.Option(help="Log as a child of this run")] = None,
+    resume: Annotated[Optional[str], typer.Option(help="Run id of a killed or failed training: reopen it and continue from its last checkpoint (same data options)")] = None,
 ) -> None:
-    """Fine-tune one configured model; everything is logged to one MLflow run."""
+    """Fine-tune one configured model; everything is logged to one MLflow run, with a checkpoint per epoch."""
     from dialogsum.config import ConfigError, parse_set_options
     from dialogsum.data import DataError
     from dialogsum.preflight import PreflightError
     from dialogsum.tracking import TrackingError
+    from dialogsum.training.checkpoints import CheckpointError
     from dialogsum.training.recipe import train_model
 
     overrides = {
@@ -100,9 +102,21 @@ def train(
     try:
         overrides = {k: v for k, v in overrides.items() if v is not None} | parse_set_options(set_ or [])
         train_model(model, train_path=train_data, validation_path=validation_data, test_path=test_data,
-                    overrides=overrides, parent_run_id=parent_run_id)  # fmt: skip
-    except (ConfigError, DataError, PreflightError, TrackingError) as e:
+                    overrides=overrides, parent_run_id=parent_run_id, resume_run_id=resume)  # fmt: skip
+    except (ConfigError, DataError, PreflightError, CheckpointError) as e:
         _fail(e)
+    except TrackingError as e:
+        _fail(TrackingError(f"{e}{_resume_hint(e.run_id)}"))
+
+
+def _resume_hint(run_id: str | None) -> str:
+    """How to continue a training whose run the store could not close: its local checkpoint outlives the store."""
+    from dialogsum.training.checkpoints import checkpoint_root
+
+    if run_id and (checkpoint_root(run_id) / "last").is_dir():
+        return (f"\nits last checkpoint is in {checkpoint_root(run_id)}; once the store is back: "
+                f"dialogsum train --resume {run_id} (with the same data options)")  # fmt: skip
+    return ""
 
 
 def _skip_ensemble(error: Exception) -> None:
@@ -251,12 +265,13 @@ def evaluate_solar(
 @app.command()
 def pipeline(
     config: Annotated[Optional[str], typer.Option(help="Pipeline YAML path, or the name of a packaged one (quickstart, seed-full)")] = None,
-    resume: Annotated[Optional[str], typer.Option(help="Parent run id: rerun only children that failed or never ran")] = None,
+    resume: Annotated[Optional[str], typer.Option(help="Parent run id: rerun only children that failed or never ran (a training stopped mid-way continues from its checkpoint)")] = None,
 ) -> None:
-    """Run the full pipeline: preflight, one child run per model and step, matrix and report on the parent."""
+    """Run the full pipeline: preflight, one child run per model and step, matrix and report on the parent.
+    SIGINT/SIGTERM stops the running stage (SIGTERM, SIGKILL after timeouts.grace), ends the runs KILLED; exit 130."""
     from dialogsum.config import ConfigError
     from dialogsum.pipeline.orchestrator import run_pipeline
-    from dialogsum.tracking import TrackingError, ui_hint
+    from dialogsum.tracking import Terminated, TrackingError, ui_hint
 
     if (config is None) == (resume is None):
         _fail(ValueError("give exactly one of --config or --resume"))
@@ -264,6 +279,13 @@ def pipeline(
         parent_id = run_pipeline(config, resume_run_id=resume)
     except (ConfigError, TrackingError) as e:
         _fail(e)
+    except (KeyboardInterrupt, Terminated):
+        import mlflow
+
+        last = mlflow.last_active_run()
+        hint = f"; continue with: dialogsum pipeline --resume {last.info.run_id}" if last else ""
+        console.print(f"[red]interrupted[/red]: the running stage was stopped and the runs ended KILLED{hint}", soft_wrap=True)
+        raise typer.Exit(130)
     _say(f"pipeline parent run {parent_id}\nopen: {ui_hint(parent_id)}")
 
 

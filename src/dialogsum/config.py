@@ -101,6 +101,13 @@ class TrainingSettings(StrictModel):
     gradient_checkpointing: bool = False
 
 
+class CheckpointSettings(StrictModel):
+    """Which per-epoch checkpoints are logged to the run (`checkpoints/last` resumes, `checkpoints/best` serves);
+    `none` saves none, so the training cannot be resumed."""
+
+    keep: Literal["both", "last", "best", "none"] = "both"
+
+
 class TokenizerSettings(StrictModel):
     """Where the tokenizer comes from: `path` (a folder or hub id); when unset, the model's hub id, or for a
     config-source model a tokenizer trained from the training data at first use (cached, `vocab_size`)."""
@@ -127,6 +134,7 @@ class ModelConfig(StrictModel):
     prompt: PromptSettings = Field(default_factory=PromptSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
+    checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings)
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "ModelConfig":
@@ -349,7 +357,8 @@ class RegisterStep(StrictModel):
 
 
 class StageTimeouts(StrictModel):
-    """Seconds a stage may run before its process is killed and the child run records the timeout."""
+    """Seconds a stage may run before its process is killed and the child run records the timeout; `grace`: seconds
+    between SIGTERM and SIGKILL when a stage is stopped (timeout, or the pipeline interrupted)."""
 
     train: float = 6 * 3600
     evaluate_solar: float = 3600
@@ -357,6 +366,7 @@ class StageTimeouts(StrictModel):
     optimize: float = 3600
     register_: float = Field(600, alias="register")
     predict: float = 3600
+    grace: float = 30
 
 
 class PipelineConfig(StrictModel):

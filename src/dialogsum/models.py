@@ -34,12 +34,14 @@ def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def train_tokenizer(texts: list[str], cfg: ModelConfig, data_digest: str):
-    """A SentencePiece-style BPE tokenizer trained on the training texts (cached by data digest and config)."""
+def train_tokenizer(texts: list[str], cfg: ModelConfig):
+    """A SentencePiece-style BPE tokenizer trained on the training texts, cached under a key made of what decides
+    it: the texts actually used (not the file they came from), the vocabulary size and the task."""
     from tokenizers import SentencePieceBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
-    folder = cache_dir() / "tokenizers" / f"{cfg.family}-{_digest(data_digest, cfg.tokenizer.vocab_size, cfg.task)}"
+    texts_digest = hashlib.sha256("\x00".join(texts).encode("utf-8")).hexdigest()
+    folder = cache_dir() / "tokenizers" / f"{cfg.family}-{_digest(texts_digest, cfg.tokenizer.vocab_size, cfg.task)}"
     if (folder / "tokenizer.json").exists():
         return PreTrainedTokenizerFast.from_pretrained(folder)
     specials = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
@@ -54,7 +56,7 @@ def train_tokenizer(texts: list[str], cfg: ModelConfig, data_digest: str):
     return PreTrainedTokenizerFast.from_pretrained(folder)
 
 
-def load_tokenizer(cfg: ModelConfig, train_texts: list[str] | None = None, data_digest: str = ""):
+def load_tokenizer(cfg: ModelConfig, train_texts: list[str] | None = None):
     """The config's tokenizer with the dialogue tags added as single (non-special, so never stripped) tokens."""
     from transformers import AutoTokenizer
 
@@ -62,7 +64,7 @@ def load_tokenizer(cfg: ModelConfig, train_texts: list[str] | None = None, data_
     if source:
         tokenizer = AutoTokenizer.from_pretrained(source)
     elif train_texts:
-        tokenizer = train_tokenizer(train_texts, cfg, data_digest)
+        tokenizer = train_tokenizer(train_texts, cfg)
     else:
         raise ValueError(f"model '{cfg.name}' has no tokenizer path and no training texts to train one from")
     add_dialogue_tokens(tokenizer)

@@ -50,10 +50,18 @@ NOTE_TAG = "mlflow.note.content"
 INHERITED_TAGS = ("mlflow.user", "mlflow.source.type", "mlflow.source.git.commit", "mlflow.source.git.branch",
                   "mlflow.source.git.repoURL")  # fmt: skip
 SERVER_PROBE_TIMEOUT_S = (3, 5)  # (connect, read) seconds
+CLOSE_BUDGET_ENV = "DIALOGSUM_CLOSE_BUDGET_S"
+DEFAULT_CLOSE_BUDGET_S = 120.0  # how long a finishing run waits for an unreachable store to come back
+MLFLOW_STATUS = {"succeeded": "FINISHED", "skipped": "FINISHED", "killed": "KILLED", "failed": "FAILED"}
 
 
 class TrackingError(RuntimeError):
-    """The tracking store cannot be used (unreachable server, refused credentials)."""
+    """The tracking store cannot be used (unreachable server, refused credentials); `run_id` names the run it
+    left open, if any."""
+
+    def __init__(self, message: str, run_id: str | None = None):
+        super().__init__(message)
+        self.run_id = run_id
 
 
 class Terminated(BaseException):
@@ -211,22 +219,40 @@ def tracked_run(
             mlflow.set_tags(all_tags)
         yield ctx
     except (KeyboardInterrupt, Terminated) as e:
-        _record_error(ctx, e, status="killed")
-        _log_timings(ctx)
-        mlflow.end_run("KILLED")
+        _close(ctx, "killed", e)
         raise
     except BaseException as e:
-        _record_error(ctx, e, status="failed")
-        _log_timings(ctx)
-        mlflow.end_run("FAILED")
+        _close(ctx, "failed", e)
         raise
     else:
-        mlflow.set_tags({STATUS_TAG: "succeeded", STAGE_TAG: "finished"})
-        _log_timings(ctx)
-        mlflow.end_run("FINISHED")
+        _close(ctx, "succeeded")
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
+
+
+def close_budget_s() -> float:
+    return float(os.environ.get(CLOSE_BUDGET_ENV, DEFAULT_CLOSE_BUDGET_S))
+
+
+def _close(ctx: RunContext, status: str, error: BaseException | None = None) -> None:
+    """Record the outcome and end the run. The store may be what failed (a tracking server restarting): the
+    closing calls are retried for `close_budget_s()` seconds, then a TrackingError names the run left RUNNING."""
+    import mlflow
+    from tenacity import Retrying, stop_after_delay, wait_fixed
+
+    if error is not None:
+        _log_error_artifacts(error, ctx.stage)
+    tags = {STATUS_TAG: status, STAGE_TAG: "finished"} if error is None else _error_tags(error, ctx.stage, status)
+    try:
+        for attempt in Retrying(stop=stop_after_delay(close_budget_s()), wait=wait_fixed(2), reraise=True):
+            with attempt:
+                mlflow.set_tags(tags)
+                _log_timings(ctx)
+                mlflow.end_run(MLFLOW_STATUS[status])
+    except Exception as e:
+        raise TrackingError(f"run {ctx.run_id} could not be ended {status}: the tracking store did not answer for "
+                            f"{close_budget_s():.0f} s ({type(e).__name__}: {e}); it stays RUNNING there", ctx.run_id) from (error or e)  # fmt: skip
 
 
 def system_metrics_enabled() -> bool:
@@ -254,29 +280,25 @@ def _log_timings(ctx: RunContext) -> None:
     import mlflow
 
     if ctx.timings:
-        try:
-            mlflow.log_metrics({stage_time_metric(stage): seconds for stage, seconds in ctx.timings.items()})
-        except Exception:  # timings are informative; never mask the run's real outcome
-            pass
+        mlflow.log_metrics({stage_time_metric(stage): seconds for stage, seconds in ctx.timings.items()})
 
 
-def _record_error(ctx: RunContext, error: BaseException, status: str) -> None:
+def _log_error_artifacts(error: BaseException, stage: str) -> None:
+    """`errors/traceback.txt` and `errors/error.json`; best effort, since the artifact store may be what failed
+    (a full disk): the error tags still say what happened."""
     import mlflow
 
-    info = error_info(error, ctx.stage)
     try:
         mlflow.log_text("".join(traceback.format_exception(error)), "errors/traceback.txt")
-        mlflow.log_dict(info, "errors/error.json")
-        mlflow.set_tags(
-            {
-                STATUS_TAG: status,
-                "error.type": info["type"],
-                "error.stage": ctx.stage,
-                "error.message": info["message"][:PARAM_VALUE_LIMIT],
-            }
-        )
-    except Exception:  # the store itself may be what failed; the run status is still set by the caller
+        mlflow.log_dict(error_info(error, stage), "errors/error.json")
+    except Exception:
         pass
+
+
+def _error_tags(error: BaseException, stage: str, status: str) -> dict[str, str]:
+    info = error_info(error, stage)
+    return {STATUS_TAG: status, "error.type": info["type"], "error.stage": stage,
+            "error.message": info["message"][:PARAM_VALUE_LIMIT]}  # fmt: skip
 
 
 def error_info(error: BaseException, stage: str) -> dict[str, Any]:
@@ -409,5 +431,4 @@ def close_run(
         metrics=[Metric(k, v, now, 0) for k, v in (metrics or {}).items()],
         tags=[RunTag(k, v) for k, v in tags.items()],
     )
-    mlflow_status = {"succeeded": "FINISHED", "skipped": "FINISHED", "killed": "KILLED"}.get(status, "FAILED")
-    client.set_terminated(run_id, mlflow_status)
+    client.set_terminated(run_id, MLFLOW_STATUS.get(status, "FAILED"))

@@ -12,18 +12,17 @@
    children when their preconditions are missing (no API key, fewer than two usable sources, no successful model).
 4. The parent logs the success/failure matrix, summary metrics and tags, the best model, and the report.
 
-`--resume PARENT_RUN_ID` reruns, under the same parent, only the children that failed or never ran.
+`--resume PARENT_RUN_ID` reruns, under the same parent, only the children that failed or never ran; a training
+killed or timed out mid-way continues from its last checkpoint in the same child run (`train --resume`), and when a
+model newly succeeds, the later steps run again as new children (the old ones tagged `dialogsum.superseded_by`).
+SIGINT/SIGTERM stops the running stage's process group (grace period `timeouts.grace`), records the stages not
+started as skipped, writes the report and ends the parent KILLED.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,9 +30,11 @@ import yaml
 
 from dialogsum.config import ConfigError, PipelineConfig, PipelineModel, load_pipeline_config, parse_config
 from dialogsum.data import DataRoles, load_data_roles, read_dialogues, sample_data_path, write_dialogues
-from dialogsum.pipeline.store import SELECTION_METRIC, best_train_run, find_child, latest_children, succeeded
+from dialogsum.pipeline.executors import Interrupted, LocalExecutor, log_tail
+from dialogsum.pipeline.store import SELECTION_METRIC, SUPERSEDED_TAG, best_train_run, find_child, latest_children, succeeded
 from dialogsum.preflight import Verdict, run_preflight
 from dialogsum.tracking import (
+    Terminated,
     KIND_TAG,
     MODEL_TAG,
     STAGE_TAG,
@@ -46,12 +47,15 @@ from dialogsum.tracking import (
     run_metric,
     tracked_run,
 )
+from dialogsum.training.checkpoints import CHECKPOINT_EPOCH_TAG
 
 PIPELINE_CONFIG_ARTIFACT = "pipeline.yaml"
 DATA_ARTIFACT_DIR = "data"
 ROLE_FILES = ("train", "validation", "test", "predict")
 SUBMISSION_FILE = "submission.csv"
-KILL_GRACE_S = 15
+INTERRUPTED_REASON = "pipeline interrupted before this stage started"
+RESUMABLE_ERRORS = ("ProcessDied", "StageTimeout", "Interrupted")  # stopped from outside, mid-training
+LATER_STEPS = ("evaluate_solar", "ensemble", "optimize", "register", "predict")
 
 
 @dataclass
@@ -74,53 +78,36 @@ def _set_args(overrides: dict) -> list[str]:
     return [arg for key, value in overrides.items() for arg in ("--set", f"{key}={json.dumps(value, ensure_ascii=False)}")]
 
 
-def _run_stage_process(run_id: str, stage: str, command: list[str], timeout_s: float, log_dir: Path) -> StageOutcome:
+def _run_stage(executor: LocalExecutor, run_id: str, stage: str, command: list[str], timeout_s: float,
+               log_dir: Path) -> StageOutcome:  # fmt: skip
     """Run `python -m dialogsum <command>` logging into `run_id`; close the run if the process could not."""
     import mlflow
 
     log_path = log_dir / f"{stage}-{run_id}.log"
-    env = {**os.environ, "MLFLOW_RUN_ID": run_id, "PYTHONUNBUFFERED": "1"}
-    start = time.perf_counter()
-    with open(log_path, "w", encoding="utf-8") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "dialogsum", *command], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        timed_out = False
-        try:
-            returncode = process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            returncode = _stop_process_group(process)
     client = mlflow.MlflowClient()
+    try:
+        done = executor.run(run_id, command, timeout_s, log_path)
+    except Interrupted as e:
+        client.log_artifact(run_id, str(log_path), "logs")
+        run = client.get_run(run_id)
+        close_run(run_id, "killed", run.data.tags.get(STAGE_TAG, stage), "Interrupted", f"{e}; log tail:\n{e.log_tail}")
+        raise
     client.log_artifact(run_id, str(log_path), "logs")
     run = client.get_run(run_id)
     status = run.data.tags.get(STATUS_TAG, "pending")
-    if timed_out:
-        message = f"{stage} exceeded its {timeout_s:.0f} s timeout and was killed after {time.perf_counter() - start:.0f} s"
+    if done.timed_out:
+        message = f"{stage} exceeded its {timeout_s:.0f} s timeout and was killed after {done.elapsed_s:.0f} s"
         close_run(run_id, "failed", run.data.tags.get(STAGE_TAG, stage), "StageTimeout", message)
         return StageOutcome(run_id, "failed")
     if run.info.status == "RUNNING" or status in ("pending", "running"):
-        if returncode == 0:
+        if done.returncode == 0:
             close_run(run_id, "succeeded", stage)
             return StageOutcome(run_id, "succeeded")
-        tail = log_path.read_text(encoding="utf-8", errors="replace")[-2000:]
-        cause = f"signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
+        cause = f"signal {-done.returncode}" if done.returncode < 0 else f"exit code {done.returncode}"
         close_run(run_id, "failed", run.data.tags.get(STAGE_TAG, stage), "ProcessDied",
-                  f"{stage} process ended with {cause} before closing its run; log tail:\n{tail}")  # fmt: skip
+                  f"{stage} process ended with {cause} before closing its run; log tail:\n{log_tail(log_path)}")  # fmt: skip
         return StageOutcome(run_id, "failed")
     return StageOutcome(run_id, status)
-
-
-def _stop_process_group(process: subprocess.Popen) -> int:
-    """SIGTERM (the run records KILLED), then SIGKILL after a grace period."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        return process.wait(timeout=KILL_GRACE_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        return process.wait()
-    except ProcessLookupError:
-        return process.wait()
 
 
 def _record_blocked(parent_id: str, verdict: Verdict) -> str:
@@ -182,21 +169,42 @@ class Pipeline:
         self.parent_id = parent_id
         self.files = files
         self.log_dir = log_dir
+        self.executor = LocalExecutor(cfg.timeouts.grace)
+        self.unstarted: list[tuple[str, str]] = []  # (kind, name) of the stages not started yet
+        self.changed = False  # a model succeeded in this invocation: the later steps see new sources
 
     def run(self, resume: bool) -> None:
+        """Train the models, then the later steps. With `resume`, only what did not succeed runs again (a training
+        stopped mid-way continues from its checkpoint), and when a model newly succeeds, every later step runs
+        again as a new child that supersedes the old one. On SIGINT/SIGTERM the running stage is stopped and the
+        stages not started yet are recorded as skipped."""
         from rich.console import Console
 
         console = Console(stderr=True)
         children = latest_children(self.parent_id) if resume else []
-        todo = [m for m in self.cfg.models if not (resume and succeeded(find_child(children, "train", self._canonical(m))))]
-        if "train" in self.cfg.steps:
-            self._train_models(todo, console)
-        children = latest_children(self.parent_id)
-        for step in ("evaluate_solar", "ensemble", "optimize", "register", "predict"):
-            if step in self.cfg.steps and not (resume and succeeded(find_child(children, _STEP_KIND[step]))):
+        todo = [m for m in self.cfg.models if not succeeded(find_child(children, "train", self._canonical(m)))]
+        steps = [s for s in LATER_STEPS if s in self.cfg.steps]
+        self.unstarted = [("train", self._canonical(m)) for m in todo] if "train" in self.cfg.steps else []
+        self.unstarted += [(_STEP_KIND[s], s) for s in steps]
+        try:
+            if "train" in self.cfg.steps:
+                self._train_models(todo, children, console)
+            children = latest_children(self.parent_id)
+            for step in steps:
+                self.unstarted.remove((_STEP_KIND[step], step))
+                previous = find_child(children, _STEP_KIND[step])
+                if succeeded(previous) and not self.changed:
+                    continue
                 console.print(f"[bold]{step}[/bold] ...")
-                getattr(self, f"_step_{step}")(children)
+                new_id = getattr(self, f"_step_{step}")(children)
+                if previous is not None and self.changed:
+                    mlflow_client().set_tag(previous.info.run_id, SUPERSEDED_TAG, new_id)
                 children = latest_children(self.parent_id)
+        except (KeyboardInterrupt, Terminated):
+            for kind, name in self.unstarted:
+                _record_skipped(self.parent_id, name, kind, INTERRUPTED_REASON)
+            console.print(f"[red]interrupted[/red]: {len(self.unstarted)} stage(s) not started, recorded as skipped")
+            raise
 
     @staticmethod
     def _canonical(model: PipelineModel) -> str:
@@ -211,31 +219,37 @@ class Pipeline:
         args = ["--train-data", str(self.files.train), "--validation-data", str(self.files.validation)]
         return args + (["--test-data", str(self.files.test)] if self.files.test else [])
 
-    def _train_models(self, models: list[PipelineModel], console) -> None:
+    def _train_models(self, models: list[PipelineModel], children: list, console) -> None:
         data_paths = [p for p in (self.files.train, self.files.validation, self.files.test) if p]
         verdicts = run_preflight([m.name for m in models], data_paths, {m.name: m.overrides for m in models})
-        for verdict in verdicts:
+        for model, verdict in zip(models, verdicts):
+            self.unstarted.remove(("train", self._canonical(model)))
             if not verdict.ok:
                 _record_blocked(self.parent_id, verdict)
                 console.print(f"[red]blocked[/red] {verdict.model}: {'; '.join(verdict.reasons)}")
-        for model, verdict in zip(models, verdicts):
-            if not verdict.ok:
                 continue
             name = verdict.config.name if verdict.config else model.name
-            run_id = create_child_run(self.parent_id, name, "train", {MODEL_TAG: name})
-            console.print(f"[bold]train[/bold] {name} → run {run_id}")
-            command = ["train", "--model", name, *self._data_args(), *_set_args(model.overrides)]
-            outcome = _run_stage_process(run_id, "train", command, self.cfg.timeouts.train, self.log_dir)
+            previous = find_child(children, "train", name)
+            if resumable(previous):
+                run_id = previous.info.run_id
+                command = ["train", "--resume", run_id, *self._data_args()]
+                console.print(f"[bold]train[/bold] {name} → resuming run {run_id} from epoch "
+                              f"{previous.data.tags[CHECKPOINT_EPOCH_TAG]}")  # fmt: skip
+            else:
+                run_id = create_child_run(self.parent_id, name, "train", {MODEL_TAG: name})
+                command = ["train", "--model", name, *self._data_args(), *_set_args(model.overrides)]
+                console.print(f"[bold]train[/bold] {name} → run {run_id}")
+            outcome = _run_stage(self.executor, run_id, "train", command, self.cfg.timeouts.train, self.log_dir)
+            self.changed |= outcome.status == "succeeded"
             console.print(f"  {name}: {outcome.status}")
 
-    def _step_evaluate_solar(self, children: list) -> None:
+    def _step_evaluate_solar(self, children: list) -> str:
         from dialogsum.solar.evaluation import MissingApiKey, api_key_from_env
 
         try:
             api_key_from_env()
         except MissingApiKey as e:
-            _record_skipped(self.parent_id, "solar-api", "solar", str(e))
-            return
+            return _record_skipped(self.parent_id, "solar-api", "solar", str(e))
         s = self.cfg.solar
         command = ["evaluate-solar", "--data", str(self.files.validation), "--train-data", str(self.files.train)]
         if self.files.test:
@@ -244,23 +258,21 @@ class Pipeline:
                             ("--concurrency", s.concurrency), ("--rpm", s.rpm)):  # fmt: skip
             if value is not None:
                 command += [flag, str(value)]
-        self._spawn("solar-api", "solar", command, self.cfg.timeouts.evaluate_solar)
+        return self._spawn("solar-api", "solar", command, self.cfg.timeouts.evaluate_solar)
 
-    def _step_ensemble(self, children: list) -> None:
+    def _step_ensemble(self, children: list) -> str:
         sources = [r for r in children if r.data.tags.get(KIND_TAG) in ("train", "solar") and succeeded(r)]
         if len(sources) < 2:
             names = ", ".join(r.data.tags.get(MODEL_TAG, "?") for r in sources) or "none"
-            _record_skipped(self.parent_id, "ensemble", "ensemble",
-                            f"fewer than two usable sources (succeeded: {names}); an ensemble needs at least two")  # fmt: skip
-            return
+            return _record_skipped(self.parent_id, "ensemble", "ensemble",
+                                   f"fewer than two usable sources (succeeded: {names}); an ensemble needs at least two")  # fmt: skip
         command = ["ensemble", "--runs", ",".join(r.info.run_id for r in sources), "--strategy", self.cfg.ensemble.strategy]
-        self._spawn("ensemble", "ensemble", command, self.cfg.timeouts.ensemble)
+        return self._spawn("ensemble", "ensemble", command, self.cfg.timeouts.ensemble)
 
-    def _step_optimize(self, children: list) -> None:
+    def _step_optimize(self, children: list) -> str:
         best = best_train_run(children)
         if best is None:
-            _record_skipped(self.parent_id, "optimize", "optimize", "no successfully trained model to optimise")
-            return
+            return _record_skipped(self.parent_id, "optimize", "optimize", "no successfully trained model to optimise")
         o = self.cfg.optimize
         command = ["optimize", "--run", best.info.run_id, "--quantization", o.quantization,
                    "--batch-sizes", ",".join(map(str, o.batch_sizes)), "--data", str(self.files.validation)]  # fmt: skip
@@ -268,31 +280,41 @@ class Pipeline:
             command += ["--test-data", str(self.files.test)]
         if o.n_samples:
             command += ["--n-samples", str(o.n_samples)]
-        self._spawn(f"optimize:{best.data.tags.get(MODEL_TAG)}", "optimize", command, self.cfg.timeouts.optimize)
+        return self._spawn(f"optimize:{best.data.tags.get(MODEL_TAG)}", "optimize", command, self.cfg.timeouts.optimize)
 
-    def _step_register(self, children: list) -> None:
+    def _step_register(self, children: list) -> str:
         if best_train_run(children) is None:
-            _record_skipped(self.parent_id, "register", "register", "no successfully trained model to register")
-            return
+            return _record_skipped(self.parent_id, "register", "register", "no successfully trained model to register")
         r = self.cfg.register_
         command = ["register", "--parent", self.parent_id, "--metric", r.metric, "--name", r.name]
-        self._spawn("register", "register", command, self.cfg.timeouts.register_)
+        return self._spawn("register", "register", command, self.cfg.timeouts.register_)
 
-    def _step_predict(self, children: list) -> None:
+    def _step_predict(self, children: list) -> str:
         if self.files.predict is None:
-            _record_skipped(self.parent_id, "predict", "predict", "no data.predict file to write a submission for")
-            return
+            return _record_skipped(self.parent_id, "predict", "predict", "no data.predict file to write a submission for")
         source, why = predict_source(children, self.cfg.register_.name)
         if source is None:
-            _record_skipped(self.parent_id, "predict", "predict", why)
-            return
+            return _record_skipped(self.parent_id, "predict", "predict", why)
         out = self.log_dir / SUBMISSION_FILE
         command = ["predict", *source, "--data", str(self.files.predict), "--out", str(out), "--source-reason", why]
-        self._spawn("predict", "predict", command, self.cfg.timeouts.predict)
+        return self._spawn("predict", "predict", command, self.cfg.timeouts.predict)
 
-    def _spawn(self, name: str, kind: str, command: list[str], timeout_s: float) -> StageOutcome:
+    def _spawn(self, name: str, kind: str, command: list[str], timeout_s: float) -> str:
         run_id = create_child_run(self.parent_id, name, kind, {MODEL_TAG: name})
-        return _run_stage_process(run_id, kind, command, timeout_s, self.log_dir)
+        _run_stage(self.executor, run_id, kind, command, timeout_s, self.log_dir)
+        return run_id
+
+
+def resumable(run) -> bool:
+    """A training child stopped from outside mid-training (killed, timed out, interrupted) after a checkpoint."""
+    return (run is not None and run.data.tags.get(STATUS_TAG) in ("failed", "killed")
+            and run.data.tags.get("error.type") in RESUMABLE_ERRORS and CHECKPOINT_EPOCH_TAG in run.data.tags)  # fmt: skip
+
+
+def mlflow_client():
+    import mlflow
+
+    return mlflow.MlflowClient()
 
 
 _STEP_KIND = {"evaluate_solar": "solar", "ensemble": "ensemble", "optimize": "optimize", "register": "register",
@@ -378,12 +400,14 @@ def run_pipeline(config_path: str | Path | None = None, resume_run_id: str | Non
                 log_config(cfg.model_dump(), PIPELINE_CONFIG_ARTIFACT)
                 files = materialize_roles(cfg, parent.run_id, Path(tmp) / "data")
             parent.set_stage("children")
-            Pipeline(cfg, parent.run_id, files, Path(tmp)).run(resume=bool(resume_run_id))
-            parent.set_stage("report")
-            tags, metrics = summarize_parent(parent.run_id)
-            mlflow.set_tags(tags)
-            mlflow.log_metrics(metrics)
-            write_report(parent.run_id)
+            try:
+                Pipeline(cfg, parent.run_id, files, Path(tmp)).run(resume=bool(resume_run_id))
+            finally:  # an interrupted pipeline still leaves its matrix and report, then ends KILLED
+                parent.set_stage("report")
+                tags, metrics = summarize_parent(parent.run_id)
+                mlflow.set_tags(tags)
+                mlflow.log_metrics(metrics)
+                write_report(parent.run_id)
     return parent.run_id
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dialogsum.tracking import KIND_TAG, MODEL_TAG, STATUS_TAG, run_metric
 
 SELECTION_METRIC = "val_final"
+SUPERSEDED_TAG = "dialogsum.superseded_by"  # on a step's child that a resumed pipeline ran again
 
 
 def latest_children(parent_id: str) -> list:
-    """The parent's children, keeping the latest attempt per (kind, model), in start order."""
+    """The parent's children, keeping the latest attempt per (kind, model) and leaving out superseded ones, in
+    start order."""
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -18,6 +20,8 @@ def latest_children(parent_id: str) -> list:
     )
     latest = {}
     for r in sorted(runs, key=lambda r: r.info.start_time):
+        if SUPERSEDED_TAG in r.data.tags:
+            continue
         latest[(r.data.tags.get(KIND_TAG), r.data.tags.get(MODEL_TAG))] = r
     return sorted(latest.values(), key=lambda r: r.info.start_time)
 
