@@ -54,6 +54,7 @@ class TrackingServer:
     artifacts: Path
     log: Path
     credentials: Credentials | None
+    pid: int = 0  # the server's process group
 
     def client_env(self, *, with_credentials: bool = True) -> dict[str, str]:
         """Environment variables a dialogsum command needs to log to this server."""
@@ -186,10 +187,12 @@ def mlflow_server(
     credentials: Credentials | None = None,
     workers: int = 1,
     start_timeout_s: float = SERVER_START_TIMEOUT_S,
+    port: int | None = None,
 ) -> Iterator[TrackingServer]:
-    """`mlflow server` on 127.0.0.1:<free port> storing runs in `backend_uri` and artifacts under `folder`."""
+    """`mlflow server` on 127.0.0.1:<port> (default: a free one) storing runs in `backend_uri` and artifacts under
+    `folder`; the yielded server's `pid` is its process group."""
     folder.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     artifacts = folder / "artifacts"
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
                "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
@@ -204,9 +207,9 @@ def mlflow_server(
             MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16),
         )
     log = folder / "server.log"
-    with log.open("w") as out:
+    with log.open("a") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=folder, env=env, start_new_session=True)
-    server = TrackingServer(f"http://127.0.0.1:{port}", backend_uri, artifacts, log, credentials)
+    server = TrackingServer(f"http://127.0.0.1:{port}", backend_uri, artifacts, log, credentials, process.pid)
     try:
         _wait_healthy(server.uri, process, log, start_timeout_s)
         yield server

@@ -105,6 +105,8 @@ def train(
                     overrides=overrides, parent_run_id=parent_run_id, resume_run_id=resume)  # fmt: skip
     except (ConfigError, DataError, PreflightError, CheckpointError) as e:
         _fail(e)
+    except OSError as e:  # a full disk or a vanished folder: the run has ended FAILED with the same message
+        _fail(e)
     except TrackingError as e:
         _fail(TrackingError(f"{e}{_resume_hint(e.run_id)}"))
 

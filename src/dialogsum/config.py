@@ -266,12 +266,15 @@ def load_model_config(name: str, overrides: dict[str, Any] | None = None) -> Mod
     """The named model's config with dotted-key overrides (e.g. {"training.epochs": 2}) applied and validated."""
     registry = model_registry()
     cfg = registry.get(name)
-    if not overrides:
-        return cfg
+    return with_overrides(cfg, overrides, registry.sources[cfg.name]) if overrides else cfg
+
+
+def with_overrides(cfg: ModelConfig, overrides: dict[str, Any], source: Path) -> ModelConfig:
+    """`cfg` with dotted-key overrides applied and validated (errors name `source`)."""
     data = cfg.model_dump()
     for dotted, value in overrides.items():
         _set_dotted(data, dotted, value)
-    return parse_config(ModelConfig, data, registry.sources[cfg.name])
+    return parse_config(ModelConfig, data, source)
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -145,7 +145,7 @@ def materialize_roles(cfg: PipelineConfig, parent_id: str, folder: Path) -> Role
     params = {f"data.{role}.{key}": value for role, data in sets.items()
               for key, value in (("source", data.report.path), ("rows", len(data)), ("file_digest", data.report.digest),
                                  ("selection", data.report.selection or "all rows"))}  # fmt: skip
-    params["data.validation_fraction"] = d.validation_fraction if not d.validation else "a validation file"
+    params["data.validation_from"] = f"{d.validation_fraction} of the train rows" if not d.validation else "its own file"
     mlflow.log_params(params)
     mlflow.set_tags({VAL_ROWS_TAG: dataset_rows_digest(roles.validation)})
     return RoleFiles(paths["train"], paths["validation"], paths.get("test"), paths.get("predict"))

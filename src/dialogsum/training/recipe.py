@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dialogsum.config import ConfigError, ModelConfig, flatten, load_model_config
+from dialogsum.config import ConfigError, ModelConfig, flatten, load_model_config, model_registry, with_overrides
 from dialogsum.data import DataRoles, DialogueSet, dataset_rows_digest, load_data_roles
 from dialogsum.precision import detect_device
 from dialogsum.preflight import PreflightError, check_model
@@ -290,6 +290,7 @@ def run_training(
                 logged_loss_steps = _log_missing_epochs(result.run_id, result.history)
                 mlflow.set_tag(RESUMED_FROM_TAG, str(state.epoch))
     window: list[float] = []
+    pending: list = []  # this epoch's asynchronous train_loss logging
     progress = Progress(disable=not accelerator.is_main_process, transient=True)
     with progress:
         for epoch in range(state.epoch + 1, t.epochs + 1):
@@ -309,11 +310,11 @@ def run_training(
                     state.global_step += 1
                     if track and state.global_step % t.log_every_n_steps == 0:
                         if state.global_step > logged_loss_steps:  # a resumed run logged these steps already
-                            mlflow.log_metrics(
+                            pending.append(mlflow.log_metrics(
                                 {"train_loss": sum(window) / len(window), "learning_rate": scheduler.get_last_lr()[0]},
                                 step=state.global_step,
                                 synchronous=False,
-                            )
+                            ))  # fmt: skip
                         window = []
 
                 seen = train_epoch(model, train_loader, optimizer, scheduler, accelerator, t.max_grad_norm, on_step)
@@ -339,7 +340,9 @@ def run_training(
                 with stage("checkpoint"):
                     checkpoints.save_last(state)
             if track:  # after the checkpoint: an epoch whose metrics are logged can always be resumed after
-                mlflow.flush_async_logging()
+                for operations in pending:  # a step that failed to log fails the run, never leaves a silent gap
+                    operations.wait()
+                pending.clear()
                 mlflow.log_metrics(evaluation.metrics, step=epoch)
         accelerator.wait_for_everyone()
 
@@ -445,8 +448,11 @@ def train_model(
                      resume=bool(resume_run_id))  # fmt: skip
         return None
     configure_tracking()
-    if resume_run_id:
+    resumed_roles = None
+    if resume_run_id:  # refused before the run is reopened, so a refusal leaves it as it was
         cfg = resumed_config(resume_run_id, model_name, overrides)
+        resumed_roles = roles_for(cfg, train_path, validation_path, test_path)
+        check_same_rows(mlflow.get_run(resume_run_id), resumed_roles)
     elif model_name:
         cfg = load_model_config(model_name, overrides)
     else:
@@ -465,11 +471,11 @@ def train_model(
                 raise PreflightError(f"{cfg.name} blocked by preflight: " + "; ".join(verdict.reasons))
             mlflow.set_tag("dialogsum.precision", verdict.precision or "")
         with run.stage_of("data"):
-            roles = roles_for(cfg, train_path, validation_path, test_path)
-            if resume_run_id:
-                check_same_rows(mlflow.get_run(run.run_id), roles)
+            if resumed_roles is not None:
+                roles = resumed_roles
                 fetch_checkpoint(run.run_id, checkpoint_root(run.run_id))
             else:
+                roles = roles_for(cfg, train_path, validation_path, test_path)
                 _log_datasets(roles)
         if launch.num_processes > 1:
             broadcast_object_list([cfg.model_dump(), run.run_id])
@@ -485,13 +491,13 @@ def resumed_config(run_id: str, model_name: str | None, overrides: dict[str, Any
     import yaml
 
     try:
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.yaml")
+        path = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config.yaml"))
     except Exception as e:
         raise CheckpointError(f"run {run_id} cannot be resumed: its config.yaml is not readable ({e})") from e
-    logged = ModelConfig.model_validate(yaml.safe_load(Path(path).read_text(encoding="utf-8")))
-    if not model_name and not overrides:
-        return logged
-    asked = load_model_config(model_name or logged.name, overrides)
+    logged = ModelConfig.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
+    if model_name and model_registry().resolve(model_name) != logged.name:
+        raise ConfigError(f"--resume {run_id}: the run trained '{logged.name}', not '{model_name}'")
+    asked = with_overrides(logged, overrides, path) if overrides else logged
     before, after = flatten(logged.model_dump()), flatten(asked.model_dump())
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     if changed:
