@@ -113,3 +113,32 @@ def test_two_process_run_has_the_single_process_schema(trainings):
     assert ddp.data.params.keys() == single.data.params.keys()
     assert single.data.params["runtime.num_processes"] == "1"
     assert {a.path for a in ddp_client.list_artifacts(ddp.info.run_id)} == {a.path for a in single_client.list_artifacts(single.info.run_id)}
+
+
+def test_validation_is_split_between_processes_and_scores_as_one_process_does(trainings, tmp_path):
+    """Each process generated half of the validation rows; the gathered scores of the last epoch equal a
+    single-process validation of the same weights (the run's last checkpoint) on the same rows."""
+    from accelerate import Accelerator
+    from rich.progress import Progress
+    from safetensors.torch import load_file
+
+    from dialogsum.data import load_data_roles
+    from dialogsum.features import build_collator, tokenize_rows
+    from dialogsum.models import load_for_inference
+    from dialogsum.training.recipe import validate
+
+    client, _ = trainings["distributed"]
+    run = _only_run(client)
+    assert run.data.params["runtime.generation_rows_per_process"] == f"{EVAL_ROWS // 2},{EVAL_ROWS // 2}"
+    folder = Path(client.download_artifacts(run.info.run_id, "checkpoints", str(tmp_path)))
+    model, tokenizer, cfg = load_for_inference(folder / "best")
+    missing, unexpected = model.load_state_dict(load_file(folder / "last" / "state" / "model.safetensors"), strict=False)
+    assert not unexpected and all("embed_tokens" in k or "lm_head" in k for k in missing), missing  # tied to `shared`
+    roles = load_data_roles(sample_data_path("train"), sample_data_path("dev"), None, limits=(TRAIN_ROWS, EVAL_ROWS, None))
+    rows = roles.validation
+    val_set = tokenize_rows(cfg, tokenizer, rows.dialogues, rows.summaries)
+    with Progress(disable=True) as progress:
+        single = validate(model, tokenizer, cfg, val_set, rows, build_collator(cfg, tokenizer), Accelerator(cpu=True), progress)
+    for key in ("val_final", "val_rouge1", "val_loss", "val_gen_len"):
+        logged = dict(_history(client, run.info.run_id, key))[EPOCHS]
+        assert single.metrics[key] == pytest.approx(logged, rel=1e-5, abs=1e-6), key

@@ -137,6 +137,15 @@ def quantization_config(cfg: ModelConfig, policy: PrecisionPolicy):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+def local_device(device: str) -> int | str:
+    """Where this process's quantized model goes: under DDP each process's own GPU (its local rank), not GPU 0."""
+    if device != "cuda":
+        return "cpu"
+    from accelerate import PartialState
+
+    return PartialState().local_process_index
+
+
 @dataclass
 class BuiltModel:
     model: Any
@@ -157,7 +166,7 @@ def build_model(cfg: ModelConfig, tokenizer, policy: PrecisionPolicy, for_traini
     quant = quantization_config(cfg, policy)
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": 0} if policy.device == "cuda" else {"": "cpu"}
+        kwargs["device_map"] = {"": local_device(policy.device)}
     model = auto.from_pretrained(source, **kwargs)
     if len(tokenizer) != model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))

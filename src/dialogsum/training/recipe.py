@@ -334,7 +334,7 @@ def run_training(
                     state.best_value, state.best_epoch, result.best = value, epoch, evaluation
                     state.best_predictions, state.best_rows = evaluation.predictions, evaluation.rows
                     if log_model:
-                        with stage("save"):
+                        with stage("checkpoint"):
                             checkpoints.save_best(lambda folder: save_for_inference(built, cfg, folder, unwrapped))
             if cfg.checkpoint.keep != "none":
                 with stage("checkpoint"):
