@@ -38,13 +38,12 @@ def _write_config(tmp_path: Path) -> Path:
         "data": {"train": str(sample_data_path("train")), "test": str(sample_data_path("dev")), "validation_fraction": 0.2},
         "models": [
             {"name": "kobart-tiny", "overrides": {"training.epochs": 1, "training.max_train_samples": 24,
-                                                  "training.max_validation_samples": 4, "generation.max_new_tokens": 8}},
+                                                  "generation.max_new_tokens": 8}},
             # Training raises: a hidden size that 4 attention heads cannot divide fails when the model is built.
             {"name": "llama-tiny", "overrides": {"architecture.hidden_size": 65, "training.max_train_samples": 8}},
             # Blocked by preflight: its tokenizer folder does not exist yet (the test creates it before resuming).
             {"name": "qwen3_tiny_QLoRA", "overrides": {"tokenizer.path": str(tmp_path / "later-tokenizer"), "training.epochs": 1,
-                                                       "training.max_train_samples": 8, "training.max_validation_samples": 4,
-                                                       "generation.max_new_tokens": 8}},
+                                                       "training.max_train_samples": 8, "generation.max_new_tokens": 8}},
         ],
         "steps": ["train", "register"],
         "timeouts": {"train": 400},

@@ -22,6 +22,8 @@ import yaml
 from mlflow import MlflowClient
 from tracking_server import TrackingServer, free_port, query, team_server  # noqa: F401 - team_server is a fixture
 
+from dialogsum.config import ROW_LIMITS
+from dialogsum.data import read_dialogues, sample_data_path, write_dialogues
 from dialogsum.tracking import STATUS_TAG, TrackingError, configure_tracking, load_predictions, tracked_run
 from dialogsum.training.recipe import EPOCH_METRICS
 
@@ -43,9 +45,15 @@ def _train_command() -> list[str]:
 
 
 def _write_pipeline_config(folder: Path, experiment: str) -> Path:
-    """The bundled sample's roles: its train rows (20% held out for validation), its dev rows as the test."""
+    """The bundled sample's train rows; 4 dev rows validate and 4 others test (a pipeline takes its validation and
+    test rows from its data files, never from per-model limits)."""
+    dev = read_dialogues(sample_data_path("dev"))
+    validation = write_dialogues(dev.head(VALIDATION_ROWS), folder / "validation.csv")
+    test = write_dialogues(dev.subset(dev.rows[VALIDATION_ROWS:VALIDATION_ROWS + 4], "4 more dev rows"), folder / "test.csv")
+    overrides = {k: v for k, v in _tiny_overrides().items() if k not in ROW_LIMITS}
     config = {"name": "tiny", "experiment": experiment,
-              "models": [{"name": "kobart-tiny", "overrides": _tiny_overrides()}],
+              "data": {"train": str(sample_data_path("train")), "validation": str(validation), "test": str(test)},
+              "models": [{"name": "kobart-tiny", "overrides": overrides}],
               "steps": ["train"], "timeouts": {"train": PIPELINES_TIMEOUT_S}}  # fmt: skip
     path = folder / "tiny-pipeline.yaml"
     path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")

@@ -315,6 +315,8 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# Per-model overrides a pipeline refuses: every child is validated and tested on the same rows.
+ROW_LIMITS = ("training.max_validation_samples", "training.max_test_samples")
 PipelineStep = Literal["train", "evaluate_solar", "ensemble", "optimize", "register", "predict"]
 
 
@@ -391,6 +393,12 @@ class PipelineConfig(StrictModel):
         duplicates = sorted({m.name for m in self.models if names.count(normalize_name(m.name)) > 1})
         if duplicates:
             raise ValueError(f"models listed twice: {duplicates}")
+        for m in self.models:
+            limited = sorted(set(m.overrides) & set(ROW_LIMITS))
+            if limited:
+                raise ValueError(f"models: {m.name}: {', '.join(limited)} would score this model on other rows than the "
+                                 "rest, and scores on different rows are never compared; give the pipeline smaller "
+                                 "data.validation / data.test files instead")  # fmt: skip
         return self
 
 

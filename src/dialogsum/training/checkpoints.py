@@ -136,7 +136,8 @@ class Checkpoints:
 
 
 def fetch_checkpoint(run_id: str, root: Path) -> TrainerState:
-    """Make `root/last` the newest of the local checkpoint and the one logged to the run; returns its state.
+    """Make `root/last` the newest of the local checkpoint and the one logged to the run, and bring the logged best
+    model when there is none locally; returns the trainer state to resume from.
 
     The local one wins when it is at least as new (the store may have failed before it was logged)."""
     import mlflow
@@ -144,18 +145,25 @@ def fetch_checkpoint(run_id: str, root: Path) -> TrainerState:
     local = TrainerState.read(root / LAST) if (root / LAST / TRAINER_STATE_FILE).is_file() else None
     run = mlflow.MlflowClient().get_run(run_id)
     logged_epoch = int(run.data.tags.get(CHECKPOINT_EPOCH_TAG, "0"))
-    if local is not None and local.epoch >= logged_epoch:
-        return local
-    if not logged_epoch:
-        raise CheckpointError(f"run {run_id} has no checkpoint to resume from: it logged none (checkpoint.keep "
-                              f"'none' or 'best', or it stopped in its first epoch) and none is left in {root}")  # fmt: skip
-    tmp = root / f"{LAST}.download"
+    if local is None or local.epoch < logged_epoch:
+        if not logged_epoch:
+            raise CheckpointError(f"run {run_id} has no checkpoint to resume from: it logged none (checkpoint.keep "
+                                  f"'none' or 'best', or it stopped in its first epoch) and none is left in {root}")  # fmt: skip
+        _download(run_id, LAST, root)
+    if not (root / BEST).is_dir() and mlflow.MlflowClient().list_artifacts(run_id, f"{ARTIFACT_DIR}/{BEST}"):
+        _download(run_id, BEST, root)
+    return TrainerState.read(root / LAST)
+
+
+def _download(run_id: str, name: str, root: Path) -> None:
+    import mlflow
+
+    tmp = root / f"{name}.download"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{ARTIFACT_DIR}/{LAST}", dst_path=str(tmp))
-    _swap_in(tmp / ARTIFACT_DIR / LAST, root / LAST)
+    local_path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{ARTIFACT_DIR}/{name}", dst_path=str(tmp))
+    _swap_in(Path(local_path), root / name)
     shutil.rmtree(tmp, ignore_errors=True)
-    return TrainerState.read(root / LAST)
 
 
 def _trainable_names(model) -> set[str]:
