@@ -60,3 +60,61 @@ def test_greedy_generation_uses_the_default_cache(model_and_dialogues, monkeypat
     monkeypatch.setattr(dialogsum.generate, "BeamSharedCrossAttentionCache", lambda: created.append(1))
     summarize(model, tokenizer, cfg, dialogues[:2], 2, {"num_beams": 1, "max_new_tokens": 4})
     assert created == []
+
+
+def test_repetition_penalty_counts_generated_tokens_only():
+    """A token seen only in the prompt keeps its logit; a generated one is penalised as transformers would."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from dialogsum.generate import GeneratedRepetitionPenalty
+
+    prompt, generated = [5, 6, 7], [8, 9]
+    input_ids = torch.tensor([prompt + generated])
+    scores = torch.randn(1, 16)
+    scores[0, 8], scores[0, 9] = 2.0, -2.0
+    ours = GeneratedRepetitionPenalty(1.5, prompt_length=len(prompt))(input_ids, scores.clone())
+    for token in prompt:
+        assert ours[0, token] == scores[0, token], "a prompt-only token's logit is untouched"
+    theirs = RepetitionPenaltyLogitsProcessor(1.5)(torch.tensor([generated]), scores.clone())
+    assert torch.equal(ours, theirs), "on generated tokens it is transformers' penalty"
+    assert ours[0, 8] == pytest.approx(2.0 / 1.5) and ours[0, 9] == pytest.approx(-3.0)
+
+
+def test_stop_tokens_are_the_models_own_terminators_plus_the_tokenizers_eos(model_and_dialogues):
+    from dialogsum.generate import stop_token_ids
+
+    model, tokenizer, cfg, dialogues = model_and_dialogues
+    terminator = tokenizer.convert_tokens_to_ids("<pad>")
+    model.generation_config.eos_token_id = [terminator, tokenizer.eos_token_id]  # a model card with two terminators
+    with_card = cfg.model_copy(update={"generation": cfg.generation.model_copy(update={"stop_tokens": ["<unk>"]})})
+    try:
+        assert stop_token_ids(model, tokenizer, with_card) == [terminator, tokenizer.eos_token_id, tokenizer.unk_token_id]
+        unknown = cfg.model_copy(update={"generation": cfg.generation.model_copy(update={"stop_tokens": ["<|eot_id|>"]})})
+        with pytest.raises(ValueError, match="<\\|eot_id\\|>"):
+            stop_token_ids(model, tokenizer, unknown)
+    finally:
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+def test_seed_models_state_their_terminators():
+    for name, stops in {"llama-3.2-korean-3b": ["<|eot_id|>", "<|end_of_text|>"], "qwen3-4b": ["<|im_end|>", "<|endoftext|>"],
+                        "solar-10.7b": ["</s>"], "polyglot-ko-12.8b": ["<|endoftext|>"], "kullm-v2": ["<|endoftext|>"],
+                        "kobart": ["</s>"]}.items():  # fmt: skip
+        assert load_model_config(name).generation.stop_tokens == stops, name
+
+
+@pytest.mark.real_assets("qwen3-tokenizer")
+def test_qwen3_chat_summaries_stop_at_im_end(real_asset):
+    """The real Qwen3 tokenizer knows `<|im_end|>`, the terminator its chat template ends a turn with."""
+    from dialogsum.generate import stop_token_ids
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(real_asset("qwen3-tokenizer"))
+    cfg = load_model_config("qwen3-4b")
+
+    class Card:  # the model's generation config as Qwen ships it: the tokenizer's EOS only
+        generation_config = type("G", (), {"eos_token_id": tokenizer.eos_token_id})()
+
+    ids = stop_token_ids(Card(), tokenizer, cfg)
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in ids and tokenizer.convert_tokens_to_ids("<|endoftext|>") in ids

@@ -55,6 +55,10 @@ class LoraSettings(StrictModel):
 
 
 class GenerationSettings(StrictModel):
+    """Decoding settings. `repetition_penalty` counts generated tokens only, never the prompt. `stop_tokens`: the
+    model card's terminators (e.g. Llama-3's `<|eot_id|>`), added to the model's own generation-config EOS ids and
+    the tokenizer's EOS; any of them ends a summary. Every field but `stop_tokens` can be overridden per request."""
+
     num_beams: int = 4
     max_new_tokens: int = 100
     min_new_tokens: int = 1
@@ -62,6 +66,7 @@ class GenerationSettings(StrictModel):
     repetition_penalty: float = 1.0
     length_penalty: float = 1.0
     do_sample: bool = False
+    stop_tokens: list[str] = Field(default_factory=list)
 
 
 class PromptSettings(StrictModel):

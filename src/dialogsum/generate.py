@@ -7,6 +7,7 @@ from typing import Any
 
 import transformers
 from packaging.version import Version
+from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from dialogsum.config import GenerationSettings, ModelConfig
@@ -17,12 +18,51 @@ CACHE_KWARG = "cache" if Version(transformers.__version__) >= Version("5.24.0") 
 
 
 def generation_kwargs(settings: GenerationSettings, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    merged = settings.model_copy(update={k: v for k, v in (overrides or {}).items() if v is not None})
+    """`generate` keyword arguments from the settings and per-request overrides; `repetition_penalty` stays in
+    (`summarize` turns it into `GeneratedRepetitionPenalty`), `stop_tokens` is not overridable."""
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if "stop_tokens" in overrides:
+        raise ValueError("stop_tokens is part of the model's config, not a per-request parameter")
+    merged = settings.model_copy(update=overrides)
     GenerationSettings.model_validate(merged.model_dump())  # reject unknown or ill-typed overrides
-    kwargs = merged.model_dump()
+    kwargs = merged.model_dump(exclude={"stop_tokens"})
     if kwargs["no_repeat_ngram_size"] == 0:
         kwargs.pop("no_repeat_ngram_size")
     return kwargs
+
+
+def stop_token_ids(model, tokenizer, cfg: ModelConfig) -> list[int]:
+    """Every id that ends a summary: the model's generation-config EOS ids (an int or a list), the tokenizer's EOS
+    and the config's `generation.stop_tokens`, without repeats. A stop token the tokenizer lacks is an error."""
+    found = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = list(found) if isinstance(found, (list, tuple)) else [found]
+    ids.append(tokenizer.eos_token_id)
+    for token in cfg.generation.stop_tokens:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
+            raise ValueError(f"model '{cfg.name}': generation.stop_tokens: {token!r} is not a token of its tokenizer")
+        ids.append(token_id)
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+class GeneratedRepetitionPenalty(LogitsProcessor):
+    """transformers' repetition penalty (CTRL: a seen token's positive logit divided by `penalty`, a negative one
+    multiplied), counting only the tokens generated after the first `prompt_length` positions. transformers'
+    own processor counts the prompt too, so every name and `#PersonN#` tag of the dialogue would be penalised."""
+
+    def __init__(self, penalty: float, prompt_length: int):
+        self.penalty = penalty
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        generated = input_ids[:, self.prompt_length :]
+        if generated.shape[1] == 0:
+            return scores
+        seen = torch.gather(scores, 1, generated)
+        seen = torch.where(seen < 0, seen * self.penalty, seen / self.penalty)
+        return scores.scatter(1, generated, seen)
 
 
 def summarize(
@@ -39,6 +79,13 @@ def summarize(
     import torch
 
     kwargs = generation_kwargs(cfg.generation, overrides)
+    penalty = kwargs.pop("repetition_penalty")
+    stops = stop_token_ids(model, tokenizer, cfg)
+    # Rows beyond the tokenizer (embeddings padded to a multiple of 64, a vocabulary padded by its authors) are
+    # not tokens: never generate them.
+    padding_rows = list(range(len(tokenizer), getattr(model.config, "vocab_size", 0) or 0))
+    if padding_rows:
+        kwargs["suppress_tokens"] = padding_rows
     encoded = [prompt_ids(cfg, tokenizer, d) for d in dialogues]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     outputs: list[str] = [""] * len(encoded)
@@ -59,11 +106,14 @@ def summarize(
                 input_ids[row, span] = ids
                 attention[row, span] = 1
             cache = {CACHE_KWARG: BeamSharedCrossAttentionCache()} if beam_cache else {}
+            # Causal: the prompt is the left-padded input; seq2seq: the decoder starts from one start token.
+            processors = LogitsProcessorList([GeneratedRepetitionPenalty(penalty, width if left else 1)] if penalty != 1.0 else [])
             generated = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention.to(device),
                 pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=stops,
+                logits_processor=processors,
                 **kwargs,
                 **cache,
             )

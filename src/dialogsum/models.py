@@ -20,7 +20,7 @@ from dialogsum.config import ModelConfig
 from dialogsum.data import SPECIAL_TOKENS
 from dialogsum.precision import PrecisionPolicy
 
-EMBEDDING_MODULE = {"llama": "embed_tokens", "qwen3": "embed_tokens", "gpt_neox": "embed_in", "bart": "shared"}
+EMBEDDING_ROWS_MULTIPLE = 64
 MODEL_CONFIG_FILE = "dialogsum_model.json"
 
 
@@ -81,14 +81,15 @@ def add_dialogue_tokens(tokenizer) -> int:
 
 
 def materialize_random_init(cfg: ModelConfig, tokenizer) -> Path:
-    """Save a random-init checkpoint of the config's architecture sized to the tokenizer (cached)."""
+    """Save a random-init checkpoint of the config's architecture sized to the tokenizer, or to its own larger
+    `vocab_size` (cached)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     arch = dict(cfg.architecture or {})
     model_type = arch.pop("model_type")
     ids = {
-        "vocab_size": len(tokenizer),
+        "vocab_size": max(len(tokenizer), arch.pop("vocab_size", 0)),  # a vocabulary may be padded beyond the tokenizer
         "pad_token_id": tokenizer.pad_token_id,
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
@@ -168,9 +169,10 @@ def build_model(cfg: ModelConfig, tokenizer, policy: PrecisionPolicy, for_traini
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": local_device(policy.device)}
     model = auto.from_pretrained(source, **kwargs)
-    if len(tokenizer) != model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
+    new_rows = resize_embeddings(model, tokenizer)
     tag_ids = tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)
+    if for_training:
+        init_tags_from_pieces(model, tokenizer, [i for i in tag_ids if i in new_rows])
     _align_special_ids(model, tokenizer)
     if cfg.lora is not None and for_training:
         model = _wrap_lora(model, cfg, tag_ids)
@@ -179,12 +181,59 @@ def build_model(cfg: ModelConfig, tokenizer, policy: PrecisionPolicy, for_traini
     return BuiltModel(model, tokenizer, source, tag_ids)
 
 
+def resize_embeddings(model, tokenizer) -> set[int]:
+    """Make room for every token of the tokenizer without ever shrinking: max(current rows, tokenizer length),
+    rounded up to a multiple of 64 when it grows. (Polyglot-Ko's 30,080 rows are padding beyond its 30,003-token
+    vocabulary; shrinking to the tokenizer would cut rows, and the tags would land on never-trained padding.)
+    Returns the ids of the tokens whose rows were never trained: those beyond the tokenizer's base vocabulary."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        multiple = EMBEDDING_ROWS_MULTIPLE
+        model.resize_token_embeddings(-(-len(tokenizer) // multiple) * multiple)
+    return set(range(tokenizer.vocab_size, len(tokenizer)))
+
+
+def tag_pieces(tokenizer, tag: str) -> list[int]:
+    """The ids of the pieces the tokenizer's own model splits `tag` into, as if the tag had never been added."""
+    return [t.id for t in tokenizer.backend_tokenizer.model.tokenize(tag)]
+
+
+def init_tags_from_pieces(model, tokenizer, tag_ids: list[int]) -> None:
+    """Start each new tag's row, in the input embedding and in an untied output layer, at the mean of the rows of
+    the pieces it used to be split into (transformers starts every new row at the same matrix mean, so the 15
+    tags would score alike and `#Person1#`/`#Person2#` be confused)."""
+    import torch
+
+    matrices = [model.get_input_embeddings().weight]
+    output = model.get_output_embeddings()
+    if output is not None and output.weight.data_ptr() != matrices[0].data_ptr():
+        matrices.append(output.weight)
+    with torch.no_grad():
+        for tag_id in tag_ids:
+            pieces = [i for i in tag_pieces(tokenizer, tokenizer.convert_ids_to_tokens(tag_id)) if i < tokenizer.vocab_size]
+            if pieces:
+                for weight in matrices:
+                    weight[tag_id] = weight[pieces].float().mean(0).to(weight.dtype)
+
+
+def module_name(model, module) -> str:
+    """The attribute name of one of the model's modules (`embed_tokens`, `embed_in`, `lm_head`, ...), as peft's
+    per-module options take it: read from the model, so a renamed module (GPT-NeoX's `embed_out`, `lm_head` in
+    transformers 5) needs no table."""
+    return next(name for name, m in model.named_modules() if m is module).rsplit(".", 1)[-1]
+
+
+def output_is_tied(model) -> bool:
+    output = model.get_output_embeddings()
+    return output is None or output.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
 def _align_special_ids(model, tokenizer) -> None:
+    """The pad id follows the tokenizer; the generation config's EOS ids stay the model's own terminators
+    (`generate.stop_token_ids` adds the tokenizer's EOS to them)."""
     model.config.pad_token_id = tokenizer.pad_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-        if model.config.is_encoder_decoder is False:
-            model.generation_config.eos_token_id = tokenizer.eos_token_id
 
 
 def _wrap_lora(model, cfg: ModelConfig, tag_token_ids: list[int]):
@@ -202,8 +251,10 @@ def _wrap_lora(model, cfg: ModelConfig, tag_token_ids: list[int]):
         lora_dropout=cfg.lora.dropout,
         target_modules=cfg.lora.targets,
         task_type=TaskType.SEQ_2_SEQ_LM if cfg.task == "seq2seq" else TaskType.CAUSAL_LM,
-        # The dialogue tags' embedding rows are new (or never trained as tags): train just those rows.
-        trainable_token_indices={EMBEDDING_MODULE[cfg.family]: tag_token_ids},
+        # The dialogue tags' rows are new (or never trained as tags): train just those rows, in the input embedding
+        # and, when the output layer is not tied to it (SOLAR, Polyglot-Ko, KULLM), in the output layer too.
+        trainable_token_indices={module_name(model, model.get_input_embeddings()): tag_token_ids,
+                                 **({} if output_is_tied(model) else {module_name(model, model.get_output_embeddings()): tag_token_ids})},  # fmt: skip
     )
     return get_peft_model(model, lora)
 
@@ -259,8 +310,7 @@ def load_for_inference(folder: str | Path, device: str | None = None):
 
         base_path = folder / info["base"] if info["base"] == "base" else info["base"]
         base = auto.from_pretrained(base_path, dtype=dtype)
-        if base.get_input_embeddings().weight.shape[0] != len(tokenizer):
-            base.resize_token_embeddings(len(tokenizer))
+        resize_embeddings(base, tokenizer)
         model = PeftModel.from_pretrained(base, folder / "adapter").merge_and_unload()
     else:
         model = auto.from_pretrained(folder / "weights", dtype=dtype)

@@ -86,7 +86,7 @@ class DialogueSummarizer(mlflow.pyfunc.PythonModel):
 
 
 def default_params(settings: GenerationSettings, batch_size: int = DEFAULT_BATCH_SIZE) -> dict[str, Any]:
-    return {**settings.model_dump(), "batch_size": batch_size}
+    return {**settings.model_dump(exclude={"stop_tokens"}), "batch_size": batch_size}
 
 
 def log_summarizer(
