@@ -241,3 +241,29 @@ def test_cli_preflight_exits_0_when_every_model_passes(tmp_path: Path) -> None:
     done, _ = run_cli(tmp_path, "preflight", "--models", "kobart-tiny,llama-tiny", "--data", str(sample_data_path("train")))
     assert done.returncode == 0, done.stdout + done.stderr
     assert [line.split("\t")[1] for line in done.stdout.splitlines()[2:]] == ["ok", "ok"]
+
+
+def test_a_chat_prompt_without_a_chat_template_is_blocked_before_any_weight_loads(tmp_path: Path) -> None:
+    from dialogsum.config import load_model_config
+    from dialogsum.data import read_dialogues
+    from dialogsum.models import load_tokenizer
+
+    rows = read_dialogues(sample_data_path("train"))
+    load_tokenizer(load_model_config("llama-tiny"), rows.dialogues + rows.summaries).save_pretrained(tmp_path / "tok")
+    chat = {"prompt.format": "chat", "prompt.system": "요약하세요.", "prompt.instruction": "{dialogue}"}
+    no_template = only_verdict("llama-tiny", **chat, **{"tokenizer.path": str(tmp_path / "tok")})
+    assert not no_template.ok and any("has no chat template" in r and str(tmp_path / "tok") in r for r in no_template.reasons)
+    own_tokenizer = only_verdict("llama-tiny", **chat)
+    assert not own_tokenizer.ok and any("trains its own tokenizer" in r for r in own_tokenizer.reasons)
+    with_template = tmp_path / "tok-chat"
+    (tmp_path / "tok").rename(with_template)
+    (with_template / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}", encoding="utf-8")
+    templated = only_verdict("llama-tiny", **chat, **{"tokenizer.path": str(with_template)})
+    assert templated.ok and any("chat template: found" in n for n in templated.notes), templated.reasons
+
+
+@pytest.mark.real_assets("qwen3-tokenizer")
+def test_the_real_qwen3_tokenizer_has_the_chat_template_qwen3_4b_needs(real_asset) -> None:
+    verdict = only_verdict("qwen3-4b", **{"tokenizer.path": str(real_asset("qwen3-tokenizer"))})
+    assert any("chat template: found" in n for n in verdict.notes), (verdict.reasons, verdict.notes)
+    assert not any("chat template" in r for r in verdict.reasons)

@@ -8,6 +8,7 @@ files are valid. The network probe runs once per call, bounded to 2 seconds.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -186,7 +187,54 @@ def check_model(cfg: ModelConfig, device: DeviceInfo) -> Verdict:
         ok, where = weights_available(tokenizer_path)
         if not ok:
             verdict.block(where.replace("weights unreachable", "tokenizer unreachable"))
+    if cfg.prompt.format == "chat":
+        problem, where = chat_template(cfg)
+        (verdict.block(problem) if problem else verdict.notes.append(where))
     return verdict
+
+
+def chat_template(cfg: ModelConfig) -> tuple[str | None, str]:
+    """(problem, where): a `chat` prompt needs a tokenizer with a chat template. Read from the tokenizer's files
+    (a local folder, the Hugging Face cache, or a few KB from the hub when online), never from the weights."""
+    source = cfg.tokenizer.path or cfg.hub_id
+    if not source:
+        return ("prompt.format 'chat' needs a tokenizer with a chat template, and this model trains its own "
+                "tokenizer, which has none; use prompt.format 'instruction' or set tokenizer.path"), ""  # fmt: skip
+    files = {name: _tokenizer_file(source, name) for name in TEMPLATE_FILES}
+    if all(path is None for path in files.values()):
+        return None, f"chat template: not checked, the tokenizer files of '{source}' are not reachable"
+    config = files["tokenizer_config.json"]
+    in_config = config is not None and bool(json.loads(Path(config).read_text(encoding="utf-8")).get("chat_template"))
+    if in_config or files["chat_template.jinja"] is not None:
+        return None, f"chat template: found in the tokenizer files of '{source}'"
+    return (f"prompt.format 'chat' but the tokenizer of '{source}' has no chat template (neither tokenizer_config.json "
+            "nor chat_template.jinja holds one); use prompt.format 'instruction' with a template"), ""  # fmt: skip
+
+
+TEMPLATE_FILES = ("tokenizer_config.json", "chat_template.jinja")
+
+
+def _tokenizer_file(source: str, name: str) -> str | None:
+    """A tokenizer file's local path: in a local folder, in the HF cache, or downloaded when the hub is reachable;
+    None when the file does not exist or cannot be had."""
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        return str(folder / name) if (folder / name).is_file() else None
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        cached = try_to_load_from_cache(source, name)
+    except HFValidationError:
+        return None
+    if isinstance(cached, str):
+        return cached
+    if cached is not None or not hub_reachable()[0]:  # cached as missing, or offline
+        return None
+    try:
+        return hf_hub_download(source, name, etag_timeout=5)
+    except Exception:  # not in the repository, or the hub failed: the loader will say more
+        return None
 
 
 def check_data(paths: list[str | Path]) -> list[str]:
