@@ -88,9 +88,9 @@ def optimized(trained_run, labelled, test_csv):
     real_load = dialogsum.models.load_for_inference
     real_summarize = dialogsum.generate.summarize
 
-    def counting_load(folder, device=None):
+    def counting_load(folder, device=None, dtype=None):
         loads.append(str(folder))
-        return real_load(folder, device)
+        return real_load(folder, device, dtype)
 
     def summarize_or_oom(model, tokenizer, cfg, dialogues, batch_size=16, overrides=None, on_batch=None):
         quantized = any(is_quantized(m) for m in model.modules())
@@ -269,3 +269,31 @@ def test_mlflow_run_entry_point_optimizes_into_the_run_it_creates(trained_run, l
     steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "int8_throughput_sps")]
     assert sorted(steps) == [1, 2]
     assert run.data.params["optimize.generation.max_new_tokens"] == "8"
+
+
+def test_variants_load_straight_into_their_dtype_and_an_oom_while_loading_fails_only_that_variant(trained_run, labelled, tmp_path, monkeypatch):
+    """A real out-of-memory error cannot be provoked safely here: loading int8 raises the error CUDA would."""
+    from dialogsum.optimize import _summary_metrics, load_variant, measure_variants, recommend, source_model_dir
+
+    model_dir = source_model_dir(run_model_uri(trained_run))
+    bf16, _, _ = load_variant(model_dir, "bf16", "cpu", tmp_path / "staging")
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}, "loaded as bf16, not converted from fp32"
+    del bf16
+
+    def oom_for_int8(model_dir, name, device, staging):
+        if name == "int8":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 24.00 GiB")
+        return load_variant(model_dir, name, device, staging)
+
+    monkeypatch.setattr(dialogsum.optimize, "load_variant", oom_for_int8)
+    data = read_dialogues(labelled).head(4)
+    report = measure_variants(model_dir, ["fp32", "int8"], data, [1, 2], device="cpu", workdir=tmp_path,
+                              generation=FAST_GENERATION, settings=SweepSettings(min_gain=None, min_batches=1))  # fmt: skip
+    failed = report.results["int8"]
+    assert failed.folder is None and failed.sweep.stop_reason.startswith("out of memory while loading")
+    assert [p.status for p in failed.sweep.points] == ["oom"] and "24.00 GiB" in failed.sweep.points[0].error
+    assert all(p.ok for p in report.results["fp32"].sweep.points) and report.results["fp32"].quality is not None
+    quality = {name: r.quality for name, r in report.results.items() if r.quality}
+    choice = recommend(report.sweeps, quality, {n: r.size_bytes for n, r in report.results.items()}, Budget())
+    metrics = _summary_metrics(report, choice)
+    assert choice.variant == "fp32" and metrics["int8_load_ok"] == 0.0 and metrics["fp32_load_ok"] == 1.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -210,6 +211,10 @@ def run_cli(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, fl
     return done, time.perf_counter() - start
 
 
+def _any_free_memory(text: str) -> str:
+    return re.sub(r"has [0-9.]+ GiB available", "has N GiB available", text)
+
+
 def test_cli_preflight_of_the_six_seed_models_through_a_pipe_keeps_every_name_and_reason_whole(tmp_path: Path, monkeypatch) -> None:
     done, elapsed = run_cli(tmp_path, "preflight", "--models", ",".join(SEED_MODELS))
     print(f"`python -m dialogsum preflight --models <six>`: {elapsed:.2f} s wall")
@@ -222,8 +227,8 @@ def test_cli_preflight_of_the_six_seed_models_through_a_pipe_keeps_every_name_an
     for verdict in run_preflight(SEED_MODELS):
         [line] = [line for line in lines if line.startswith(f"{verdict.model}\t")]
         assert line.split("\t")[1] == "blocked"
-        for reason in verdict.reasons:
-            assert reason in line, f"{reason!r} cut in {line!r}"
+        for reason in verdict.reasons:  # free memory moves between the two calls: its figure is not compared
+            assert _any_free_memory(reason) in _any_free_memory(line), f"{reason!r} cut in {line!r}"
     assert elapsed < 10, f"preflight CLI took {elapsed:.2f} s"
     hub_reachable.cache_clear()
 

@@ -284,12 +284,12 @@ def saved_quantization(folder: str | Path) -> str | None:
     return json.loads((Path(folder) / MODEL_CONFIG_FILE).read_text(encoding="utf-8")).get("quantization")
 
 
-def load_for_inference(folder: str | Path, device: str | None = None):
+def load_for_inference(folder: str | Path, device: str | None = None, dtype=None):
     """Rebuild (model, tokenizer, ModelConfig) from `save_for_inference` output, ready to generate.
 
-    LoRA adapters are merged into their base (full precision on CPU, the compute dtype on CUDA). A folder whose
-    json names a `quantization` (written by `dialogsum optimize`) is rebuilt by `dialogsum.quantize`, on the
-    device that variant runs on."""
+    Weights load straight into `dtype` (default: fp32 on CPU, the compute dtype on CUDA) on `device`; LoRA
+    adapters are merged into their base. A folder whose json names a `quantization` (written by
+    `dialogsum optimize`) is rebuilt by `dialogsum.quantize`, on the device that variant runs on."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -297,7 +297,8 @@ def load_for_inference(folder: str | Path, device: str | None = None):
     info = json.loads((folder / MODEL_CONFIG_FILE).read_text(encoding="utf-8"))
     cfg = ModelConfig.model_validate(info["config"])
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float32 if device == "cpu" else (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    dtype = dtype or (torch.float32 if device == "cpu" else (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16))
+    placed = {"device_map": {"": device}} if device != "cpu" else {}  # on the GPU as they load, never via the CPU
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
     auto = AutoModelForSeq2SeqLM if cfg.task == "seq2seq" else AutoModelForCausalLM
     quantization = info.get("quantization")
@@ -309,11 +310,11 @@ def load_for_inference(folder: str | Path, device: str | None = None):
         from peft import PeftModel
 
         base_path = folder / info["base"] if info["base"] == "base" else info["base"]
-        base = auto.from_pretrained(base_path, dtype=dtype)
+        base = auto.from_pretrained(base_path, dtype=dtype, **placed)
         resize_embeddings(base, tokenizer)
         model = PeftModel.from_pretrained(base, folder / "adapter").merge_and_unload()
     else:
-        model = auto.from_pretrained(folder / "weights", dtype=dtype)
+        model = auto.from_pretrained(folder / "weights", dtype=dtype, **placed)
     _align_special_ids(model, tokenizer)
     if not quantization:
         model.to(device)

@@ -347,8 +347,10 @@ def recommend(sweeps: dict[str, VariantSweep], quality: dict[str, Quality], size
 
 @dataclass
 class VariantResult:
+    """A measured variant; `folder` is None (and sizes 0) for a variant that could not be loaded."""
+
     sweep: VariantSweep
-    folder: Path
+    folder: Path | None
     size_bytes: int
     model_bytes: int
     load_s: float
@@ -390,12 +392,25 @@ class OptimizeReport:
 
 
 def load_variant(model_dir: Path, name: str, device: str, staging: Path):
-    """(model, tokenizer, ModelConfig): the saved model loaded once, in fp32 on the CPU, made into variant `name`."""
-    from dialogsum.models import load_for_inference
-    from dialogsum.quantize import prepare_variant
+    """(model, tokenizer, ModelConfig): the saved model as variant `name`, loaded once. fp32, fp16 and bf16 load
+    straight into their dtype on their device (a 12.8B model never passes through 51 GB of fp32 on the CPU);
+    int8 quantizes fp32 weights on the CPU; bitsandbytes variants quantize as they load."""
+    import torch
 
-    model, tokenizer, cfg = load_for_inference(model_dir, device="cpu")
+    from dialogsum.models import load_for_inference
+    from dialogsum.quantize import BASELINE, prepare_variant
+
+    direct = {BASELINE: torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if name in direct:
+        return load_for_inference(model_dir, device=device, dtype=direct[name])
+    model, tokenizer, cfg = load_for_inference(model_dir, device="cpu", dtype=torch.float32)
     return prepare_variant(model, name, device, staging), tokenizer, cfg
+
+
+def unloadable(name: str, batch_size: int, error: BaseException) -> VariantSweep:
+    """The sweep of a variant that ran out of memory while loading: that variant's recorded failure."""
+    message = f"out of memory while loading: {type(error).__name__}: {error}"
+    return VariantSweep(name, [BatchPoint(name, batch_size, status="oom", error=message)], None, message, 0.0)
 
 
 def measure_variants(
@@ -422,7 +437,14 @@ def measure_variants(
     cfg, total_params = None, 0
     for name in variants:
         start = time.perf_counter()
-        model, tokenizer, cfg = load_variant(model_dir, name, device, workdir / f"{name}-staging")
+        try:
+            model, tokenizer, cfg = load_variant(model_dir, name, device, workdir / f"{name}-staging")
+        except Exception as e:  # an OOM while loading fails this variant only; the sweep goes on
+            if not is_out_of_memory(e):
+                raise
+            release_memory(device)
+            results[name] = VariantResult(unloadable(name, min(batch_sizes), e), None, 0, 0, time.perf_counter() - start, 0.0)
+            continue
         release_memory(device)  # the fp32 weights a variant replaced
         if name == variants[0]:
             total_params = sum(p.numel() for p in model.parameters())
@@ -442,6 +464,8 @@ def measure_variants(
                                       swept - loaded, test_outputs=test_outputs)  # fmt: skip
         del model, generate
         release_memory(device)
+    if cfg is None:
+        raise OptimizeError("no variant could be loaded: " + "; ".join(r.sweep.stop_reason for r in results.values()))
     baseline = results[variants[0]]
     for result in results.values():
         if baseline.sweep.outputs is not None and result.sweep.outputs is not None:
@@ -516,8 +540,12 @@ def _summary_metrics(report: OptimizeReport, choice: Recommendation) -> dict[str
     metrics: dict[str, float] = {"sweep_overhead": report.sweep_overhead}
     for name, result in report.results.items():
         prefix = VARIANTS[name].metric_prefix
+        metrics[f"{prefix}_load_ok"] = float(result.folder is not None)
+        if result.folder is None:
+            continue
         metrics[f"{prefix}_size_bytes"] = result.size_bytes
-        metrics[f"{prefix}_size_ratio"] = base.size_bytes / result.size_bytes
+        if base.size_bytes:
+            metrics[f"{prefix}_size_ratio"] = base.size_bytes / result.size_bytes
         metrics[f"{prefix}_model_bytes"] = result.model_bytes
         metrics[f"{prefix}_load_s"] = result.load_s
         metrics[f"{prefix}_sweep_s"] = result.sweep_s
@@ -666,6 +694,8 @@ def optimize_run(
             quality = {name: r.quality for name, r in report.results.items() if r.quality}
             choice = recommend(report.sweeps, quality, {n: r.size_bytes for n, r in report.results.items()}, budget)
             logged = log_variant or choice.variant
+            if report.results[logged].folder is None:
+                raise OptimizeError(f"log_variant '{logged}' could not be loaded: {report.results[logged].sweep.stop_reason}")
             mlflow.log_param("model.total_params", report.total_params)
             mlflow.set_tags({MODEL_TAG: report.cfg.name, RECOMMENDED_VARIANT_TAG: choice.variant,
                              RECOMMENDED_BATCH_SIZE_TAG: str(choice.batch_size), RECOMMENDATION_TAG: choice.reason[:5000],
