@@ -180,3 +180,19 @@ def test_mlflow_run_entry_point_trains_kobart_tiny(mlflow_store):
     run = runs[0]
     assert run.info.status == "FINISHED" and run.data.tags["dialogsum.kind"] == "train"
     assert [s for s, _ in _history(run.info.run_id, "val_final")] == [1, 2]
+
+
+def test_runs_record_the_commit_of_the_checkout_that_runs(mlflow_store):
+    """`dialogsum` is a console script outside the repository, so MLflow cannot see the commit; dialogsum records it
+    (and the registry's `git_commit` and the pipeline's children take it from there)."""
+    import subprocess
+
+    from dialogsum.tracking import configure_tracking, source_git_tags, tracked_run
+
+    head = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()  # fmt: skip
+    assert source_git_tags()["mlflow.source.git.commit"] == head
+    configure_tracking("git-tags")
+    with tracked_run("tagged", kind="check") as run:
+        pass
+    assert mlflow.get_run(run.run_id).data.tags["mlflow.source.git.commit"] == head

@@ -18,6 +18,7 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -201,7 +202,7 @@ def tracked_run(
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     if not (run_id or os.environ.get("MLFLOW_RUN_ID")):  # a run opened by `mlflow run` or a pipeline keeps its source
-        all_tags[SOURCE_NAME_TAG] = f"dialogsum {kind}"
+        all_tags = {**source_git_tags(), **all_tags, SOURCE_NAME_TAG: f"dialogsum {kind}"}
     previous_handler = None
     try:
         previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
@@ -253,6 +254,29 @@ def _close(ctx: RunContext, status: str, error: BaseException | None = None) -> 
     except Exception as e:
         raise TrackingError(f"run {ctx.run_id} could not be ended {status}: the tracking store did not answer for "
                             f"{close_budget_s():.0f} s ({type(e).__name__}: {e}); it stays RUNNING there", ctx.run_id) from (error or e)  # fmt: skip
+
+
+@lru_cache(maxsize=1)
+def source_git_tags() -> dict[str, str]:
+    """The commit and branch of the dialogsum checkout that runs, when it runs from one. MLflow records them only
+    for a script inside the repository; `dialogsum ...` is a console script outside it, so runs (and the registry
+    versions made from them) said "unknown"."""
+    import subprocess
+
+    folder = str(Path(__file__).resolve().parent)
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", folder, *args], capture_output=True, text=True, timeout=5, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    try:  # the package's own files must be tracked there (a venv inside some other repository is not a checkout)
+        commit = git("rev-parse", "HEAD") if git("ls-files", "--error-unmatch", "__init__.py") else ""
+        branch = git("rev-parse", "--abbrev-ref", "HEAD") if commit else ""
+    except (OSError, subprocess.TimeoutExpired):  # no git on this machine
+        return {}
+    if not commit:  # an installed wheel: not a checkout
+        return {}
+    return {"mlflow.source.git.commit": commit, **({"mlflow.source.git.branch": branch} if branch and branch != "HEAD" else {})}
 
 
 def system_metrics_enabled() -> bool:
