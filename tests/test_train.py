@@ -196,3 +196,22 @@ def test_runs_record_the_commit_of_the_checkout_that_runs(mlflow_store):
     with tracked_run("tagged", kind="check") as run:
         pass
     assert mlflow.get_run(run.run_id).data.tags["mlflow.source.git.commit"] == head
+
+
+@pytest.mark.parametrize("keep", ["none", "both"])
+def test_a_failed_run_keeps_its_local_checkpoints_only_when_they_can_resume_it(mlflow_store, monkeypatch, keep):
+    """The test stage fails (injected: the failure is what is tested). With `checkpoint.keep: none` the folder holding
+    the best model is temporary and removed; otherwise it stays for `--resume`."""
+    import dialogsum.training.recipe as recipe
+    from dialogsum.training.checkpoints import checkpoint_root
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected test-stage failure")
+
+    monkeypatch.setattr(recipe, "evaluate_saved_model", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        train_model("kobart-tiny", overrides={"training.epochs": 1, "training.max_train_samples": 16,
+                                              "generation.max_new_tokens": 4, "checkpoint.keep": keep})  # fmt: skip
+    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "FAILED" and run.data.tags["error.stage"] == "test"
+    assert checkpoint_root(run.info.run_id).exists() == (keep != "none")

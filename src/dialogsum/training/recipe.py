@@ -278,87 +278,91 @@ def run_training(
     scheduler = linear_schedule(optimizer, t.warmup_steps, steps_per_epoch * t.epochs)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     checkpoints = Checkpoints(Path(root), cfg.checkpoint.keep, accelerator, trainable_only=cfg.lora is not None, track=track)
+    try:
+        state = TrainerState()
+        logged_loss_steps = 0
+        if resume:
+            with stage("resume"):
+                state = checkpoints.restore()
+                result.history = [EpochResult(h["epoch"], h["metrics"], [], []) for h in state.history]
+                result.best = _best_of(state, result.history)
+                if track:
+                    logged_loss_steps = _log_missing_epochs(result.run_id, result.history)
+                    mlflow.set_tag(RESUMED_FROM_TAG, str(state.epoch))
+        window: list[float] = []
+        pending: list = []  # this epoch's asynchronous train_loss logging
+        progress = Progress(disable=not accelerator.is_main_process, transient=True)
+        with progress:
+            for epoch in range(state.epoch + 1, t.epochs + 1):
+                train_loader.set_epoch(epoch)  # the shuffle of epoch n is the same whether or not the run was resumed
+                model.train()
+                epoch_start = time.perf_counter()
+                task = progress.add_task(f"epoch {epoch}/{t.epochs}", total=len(train_loader))
+                with stage("train"):
 
-    state = TrainerState()
-    logged_loss_steps = 0
-    if resume:
-        with stage("resume"):
-            state = checkpoints.restore()
-            result.history = [EpochResult(h["epoch"], h["metrics"], [], []) for h in state.history]
-            result.best = _best_of(state, result.history)
-            if track:
-                logged_loss_steps = _log_missing_epochs(result.run_id, result.history)
-                mlflow.set_tag(RESUMED_FROM_TAG, str(state.epoch))
-    window: list[float] = []
-    pending: list = []  # this epoch's asynchronous train_loss logging
-    progress = Progress(disable=not accelerator.is_main_process, transient=True)
-    with progress:
-        for epoch in range(state.epoch + 1, t.epochs + 1):
-            train_loader.set_epoch(epoch)  # the shuffle of epoch n is the same whether or not the run was resumed
-            model.train()
-            epoch_start = time.perf_counter()
-            task = progress.add_task(f"epoch {epoch}/{t.epochs}", total=len(train_loader))
-            with stage("train"):
+                    def on_step(loss: float, synced: bool) -> None:
+                        nonlocal window
+                        window.append(loss)
+                        result.train_losses.append(loss)
+                        progress.advance(task)
+                        if not synced:
+                            return
+                        state.global_step += 1
+                        if track and state.global_step % t.log_every_n_steps == 0:
+                            if state.global_step > logged_loss_steps:  # a resumed run logged these steps already
+                                pending.append(mlflow.log_metrics(
+                                    {"train_loss": sum(window) / len(window), "learning_rate": scheduler.get_last_lr()[0]},
+                                    step=state.global_step,
+                                    synchronous=False,
+                                ))  # fmt: skip
+                            window = []
 
-                def on_step(loss: float, synced: bool) -> None:
-                    nonlocal window
-                    window.append(loss)
-                    result.train_losses.append(loss)
-                    progress.advance(task)
-                    if not synced:
-                        return
-                    state.global_step += 1
-                    if track and state.global_step % t.log_every_n_steps == 0:
-                        if state.global_step > logged_loss_steps:  # a resumed run logged these steps already
-                            pending.append(mlflow.log_metrics(
-                                {"train_loss": sum(window) / len(window), "learning_rate": scheduler.get_last_lr()[0]},
-                                step=state.global_step,
-                                synchronous=False,
-                            ))  # fmt: skip
-                        window = []
+                    seen = train_epoch(model, train_loader, optimizer, scheduler, accelerator, t.max_grad_norm, on_step)
+                progress.remove_task(task)
+                epoch_time = time.perf_counter() - epoch_start
+                with stage("validate"):
+                    unwrapped = accelerator.unwrap_model(model)
+                    evaluation = validate(unwrapped, tokenizer, cfg, val_set, validation, collate, accelerator, progress)
+                state.epoch = epoch
+                if accelerator.is_main_process:
+                    evaluation.epoch = epoch
+                    evaluation.metrics.update({"epoch_time_s": epoch_time, "train_samples_per_s": seen / epoch_time})
+                    result.history.append(evaluation)
+                    state.history.append({"epoch": epoch, "metrics": evaluation.metrics})
+                    value = evaluation.metrics[t.best_metric]
+                    if _is_better(value, state.best_value, t.best_metric_mode):
+                        state.best_value, state.best_epoch, result.best = value, epoch, evaluation
+                        state.best_predictions, state.best_rows = evaluation.predictions, evaluation.rows
+                        if log_model:
+                            with stage("checkpoint"):
+                                checkpoints.save_best(lambda folder: save_for_inference(built, cfg, folder, unwrapped))
+                if cfg.checkpoint.keep != "none":
+                    with stage("checkpoint"):
+                        checkpoints.save_last(state)
+                if track:  # after the checkpoint: an epoch whose metrics are logged can always be resumed after
+                    for operations in pending:  # a step that failed to log fails the run, never leaves a silent gap
+                        operations.wait()
+                    pending.clear()
+                    mlflow.log_metrics(evaluation.metrics, step=epoch)
+            accelerator.wait_for_everyone()
 
-                seen = train_epoch(model, train_loader, optimizer, scheduler, accelerator, t.max_grad_norm, on_step)
-            progress.remove_task(task)
-            epoch_time = time.perf_counter() - epoch_start
-            with stage("validate"):
-                unwrapped = accelerator.unwrap_model(model)
-                evaluation = validate(unwrapped, tokenizer, cfg, val_set, validation, collate, accelerator, progress)
-            state.epoch = epoch
-            if accelerator.is_main_process:
-                evaluation.epoch = epoch
-                evaluation.metrics.update({"epoch_time_s": epoch_time, "train_samples_per_s": seen / epoch_time})
-                result.history.append(evaluation)
-                state.history.append({"epoch": epoch, "metrics": evaluation.metrics})
-                value = evaluation.metrics[t.best_metric]
-                if _is_better(value, state.best_value, t.best_metric_mode):
-                    state.best_value, state.best_epoch, result.best = value, epoch, evaluation
-                    state.best_predictions, state.best_rows = evaluation.predictions, evaluation.rows
-                    if log_model:
-                        with stage("checkpoint"):
-                            checkpoints.save_best(lambda folder: save_for_inference(built, cfg, folder, unwrapped))
-            if cfg.checkpoint.keep != "none":
-                with stage("checkpoint"):
-                    checkpoints.save_last(state)
-            if track:  # after the checkpoint: an epoch whose metrics are logged can always be resumed after
-                for operations in pending:  # a step that failed to log fails the run, never leaves a silent gap
-                    operations.wait()
-                pending.clear()
-                mlflow.log_metrics(evaluation.metrics, step=epoch)
-        accelerator.wait_for_everyone()
-
-    if accelerator.is_main_process and log_model and result.best is not None:
-        if not checkpoints.best.is_dir():
-            raise CheckpointError(f"the best epoch's model ({state.best_epoch}) is not in {checkpoints.best}: it was "
-                                  "not kept (checkpoint.keep) and this run resumed after it")  # fmt: skip
-        if roles.test is not None:
-            with stage("test"):
-                result.test = evaluate_saved_model(checkpoints.best, roles.test, t.eval_batch_size)
-    if track and result.best is not None:
-        with stage("save"):
-            _log_outcome(cfg, roles, result, checkpoints.best if log_model else None)
-    accelerator.end_training()
-    if accelerator.is_main_process:
-        checkpoints.remove()  # the training ended well: the local copies are no longer needed
+        if accelerator.is_main_process and log_model and result.best is not None:
+            if not checkpoints.best.is_dir():
+                raise CheckpointError(f"the best epoch's model ({state.best_epoch}) is not in {checkpoints.best}: it was "
+                                      "not kept (checkpoint.keep) and this run resumed after it")  # fmt: skip
+            if roles.test is not None:
+                with stage("test"):
+                    result.test = evaluate_saved_model(checkpoints.best, roles.test, t.eval_batch_size)
+        if track and result.best is not None:
+            with stage("save"):
+                _log_outcome(cfg, roles, result, checkpoints.best if log_model else None)
+        accelerator.end_training()
+        if accelerator.is_main_process:
+            checkpoints.remove()  # the training ended well: the local copies are no longer needed
+    except BaseException:
+        if cfg.checkpoint.keep == "none" and accelerator.is_main_process:
+            checkpoints.remove()  # nothing to resume from: the best model's folder is only temporary
+        raise
     return result
 
 
