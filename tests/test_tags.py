@@ -88,7 +88,8 @@ def test_a_padded_vocabulary_is_never_shrunk_and_its_padding_is_never_generated(
     model = built.model.merge_and_unload()
     with torch.no_grad():  # make the padding rows the most likely tokens: they must still never come out
         model.get_output_embeddings().weight[len(tokenizer):] = model.get_output_embeddings().weight.abs().max() * 50
-    summaries = summarize(model, tokenizer, cfg, rows.dialogues[:2], 2, {"max_new_tokens": 6, "min_new_tokens": 6})
+    held_out = read_dialogues(sample_data_path("dev")).dialogues[:2]  # rows the tokenizer was not trained on
+    summaries = summarize(model, tokenizer, cfg, held_out, 2, {"max_new_tokens": 6, "min_new_tokens": 6})
     assert all(isinstance(s, str) for s in summaries)
     ids = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in summaries]
     assert all(i < len(tokenizer) for row in ids for i in row)

@@ -178,6 +178,7 @@ class Pipeline:
         stopped mid-way continues from its checkpoint), and when a model newly succeeds, every later step runs
         again as a new child that supersedes the old one. On SIGINT/SIGTERM the running stage is stopped and the
         stages not started yet are recorded as skipped."""
+        import mlflow
         from rich.console import Console
 
         console = Console(stderr=True)
@@ -198,7 +199,7 @@ class Pipeline:
                 console.print(f"[bold]{step}[/bold] ...")
                 new_id = getattr(self, f"_step_{step}")(children)
                 if previous is not None and self.changed:
-                    mlflow_client().set_tag(previous.info.run_id, SUPERSEDED_TAG, new_id)
+                    mlflow.MlflowClient().set_tag(previous.info.run_id, SUPERSEDED_TAG, new_id)
                 children = latest_children(self.parent_id)
         except (KeyboardInterrupt, Terminated):
             for kind, name in self.unstarted:
@@ -310,11 +311,6 @@ def resumable(run) -> bool:
     return (run is not None and run.data.tags.get(STATUS_TAG) in ("failed", "killed")
             and run.data.tags.get("error.type") in RESUMABLE_ERRORS and CHECKPOINT_EPOCH_TAG in run.data.tags)  # fmt: skip
 
-
-def mlflow_client():
-    import mlflow
-
-    return mlflow.MlflowClient()
 
 
 _STEP_KIND = {"evaluate_solar": "solar", "ensemble": "ensemble", "optimize": "optimize", "register": "register",

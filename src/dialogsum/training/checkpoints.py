@@ -93,7 +93,10 @@ class Checkpoints:
         return self.root / BEST
 
     def save_last(self, state: TrainerState) -> None:
-        """Every process writes its part (RNG states); the main process writes the trainer state and logs."""
+        """Every process writes its part (RNG states); the main process writes the trainer state and logs. With
+        `keep: none` nothing is saved."""
+        if self.keep == "none":
+            return
         tmp = self.root / f"{LAST}.tmp"
         if self.accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -134,6 +137,12 @@ class Checkpoints:
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
 
+    def remove_unless_resumable(self) -> None:
+        """After a failure: keep the local checkpoints for `--resume`, unless `keep: none` saved nothing to resume
+        from (the best model's folder is then only temporary)."""
+        if self.keep == "none":
+            self.remove()
+
 
 def fetch_checkpoint(run_id: str, root: Path) -> TrainerState:
     """Make `root/last` the newest of the local checkpoint and the one logged to the run, and bring the logged best
@@ -142,15 +151,16 @@ def fetch_checkpoint(run_id: str, root: Path) -> TrainerState:
     The local one wins when it is at least as new (the store may have failed before it was logged)."""
     import mlflow
 
+    client = mlflow.MlflowClient()
     local = TrainerState.read(root / LAST) if (root / LAST / TRAINER_STATE_FILE).is_file() else None
-    run = mlflow.MlflowClient().get_run(run_id)
+    run = client.get_run(run_id)
     logged_epoch = int(run.data.tags.get(CHECKPOINT_EPOCH_TAG, "0"))
     if local is None or local.epoch < logged_epoch:
         if not logged_epoch:
             raise CheckpointError(f"run {run_id} has no checkpoint to resume from: it logged none (checkpoint.keep "
                                   f"'none' or 'best', or it stopped in its first epoch) and none is left in {root}")  # fmt: skip
         _download(run_id, LAST, root)
-    if not (root / BEST).is_dir() and mlflow.MlflowClient().list_artifacts(run_id, f"{ARTIFACT_DIR}/{BEST}"):
+    if not (root / BEST).is_dir() and client.list_artifacts(run_id, f"{ARTIFACT_DIR}/{BEST}"):
         _download(run_id, BEST, root)
     return TrainerState.read(root / LAST)
 

@@ -336,9 +336,8 @@ def run_training(
                         if log_model:
                             with stage("checkpoint"):
                                 checkpoints.save_best(lambda folder: save_for_inference(built, cfg, folder, unwrapped))
-                if cfg.checkpoint.keep != "none":
-                    with stage("checkpoint"):
-                        checkpoints.save_last(state)
+                with stage("checkpoint"):
+                    checkpoints.save_last(state)
                 if track:  # after the checkpoint: an epoch whose metrics are logged can always be resumed after
                     for operations in pending:  # a step that failed to log fails the run, never leaves a silent gap
                         operations.wait()
@@ -360,8 +359,8 @@ def run_training(
         if accelerator.is_main_process:
             checkpoints.remove()  # the training ended well: the local copies are no longer needed
     except BaseException:
-        if cfg.checkpoint.keep == "none" and accelerator.is_main_process:
-            checkpoints.remove()  # nothing to resume from: the best model's folder is only temporary
+        if accelerator.is_main_process:
+            checkpoints.remove_unless_resumable()
         raise
     return result
 
