@@ -43,7 +43,7 @@ from dialogsum.optimize import (
     sweep_batch_sizes,
 )
 from dialogsum.quantize import VariantError, resolve_variants
-from dialogsum.serving import run_model_uri
+from dialogsum.serving.pyfunc import run_model_uri
 from dialogsum.tracking import (
     KIND_TAG,
     STATUS_TAG,

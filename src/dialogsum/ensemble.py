@@ -192,7 +192,7 @@ def table_of_its_rows(run, artifact: str, digest_tag: str) -> pd.DataFrame:
 
 def has_model(run_id: str) -> None:
     """Raise unless the run logged a model (reads only its metadata)."""
-    from dialogsum.serving import NoLoggedModel, run_model_uri
+    from dialogsum.serving.pyfunc import NoLoggedModel, run_model_uri
 
     try:
         run_model_uri(run_id)
@@ -275,7 +275,7 @@ def generate_predictions(source: Source, dialogues: list[str]) -> list[str]:
     """The source's logged pyfunc model's summaries for the dialogues."""
     import mlflow
 
-    from dialogsum.serving import predict_summaries, run_model_uri
+    from dialogsum.serving.pyfunc import predict_summaries, run_model_uri
 
     model = mlflow.pyfunc.load_model(run_model_uri(source.run_id))
     try:

@@ -481,7 +481,7 @@ def source_model_dir(model_uri: str) -> Path:
     from mlflow.models import Model
 
     from dialogsum.models import saved_quantization
-    from dialogsum.serving import MODEL_ARTIFACT_KEY
+    from dialogsum.serving.pyfunc import MODEL_ARTIFACT_KEY
 
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
@@ -591,7 +591,7 @@ def _log_report(report: OptimizeReport, data, test_data, choice: Recommendation,
     import pandas as pd
 
     from dialogsum.data import dataset_rows_digest
-    from dialogsum.serving import log_summarizer
+    from dialogsum.serving.pyfunc import log_summarizer
     from dialogsum.tracking import TEST_PREDICTIONS_ARTIFACT, TEST_ROWS_TAG, VAL_ROWS_TAG, log_predictions
 
     mlflow.log_metrics(_summary_metrics(report, choice))
@@ -653,7 +653,7 @@ def optimize_run(
     from dialogsum.precision import detect_device
     from dialogsum.quantize import VARIANTS, resolve_variants
     from dialogsum.registry import resolve_model_uri
-    from dialogsum.serving import run_model_uri
+    from dialogsum.serving.pyfunc import run_model_uri
     from dialogsum.tracking import (
         MODEL_TAG,
         configure_tracking,

@@ -17,7 +17,7 @@ from typing import Any
 
 from dialogsum.data import DialogueSet, read_dialogues
 from dialogsum.registry import resolve_model_uri
-from dialogsum.serving import predict_summaries
+from dialogsum.serving.pyfunc import predict_summaries
 from dialogsum.tracking import configure_tracking, tracked_run
 
 SUBMISSION_COLUMNS = ("fname", "summary")

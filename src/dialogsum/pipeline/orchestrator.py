@@ -323,7 +323,7 @@ def predict_source(children: list, registered_name: str) -> tuple[list[str] | No
     import mlflow
 
     from dialogsum.registry import CHAMPION_ALIAS
-    from dialogsum.serving import run_model_uri
+    from dialogsum.serving.pyfunc import run_model_uri
 
     champion = None
     try:

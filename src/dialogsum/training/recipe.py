@@ -396,7 +396,7 @@ def _log_outcome(cfg: ModelConfig, roles: DataRoles, result: TrainResult, model_
     """The best epoch's validation metrics (`best_val_*`) and table, the test metrics and table, the curve, the model."""
     import mlflow
 
-    from dialogsum.serving import log_summarizer
+    from dialogsum.serving.pyfunc import log_summarizer
     from dialogsum.tracking import TEST_PREDICTIONS_ARTIFACT, log_predictions
 
     best = result.best

@@ -113,7 +113,7 @@ def log_summarizer(
     inferred = infer_signature(example, pd.Series(example_summaries, name="summary"), params=default_params(settings, batch_size))
     signature = ModelSignature(inputs=None, outputs=inferred.outputs, params=inferred.params)
     kwargs.setdefault("pip_requirements", inference_requirements(model_dir))
-    kwargs.setdefault("code_paths", [str(Path(__file__).resolve().parent)])
+    kwargs.setdefault("code_paths", [str(Path(__file__).resolve().parent.parent)])
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=DialogueSummarizer(batch_size),
