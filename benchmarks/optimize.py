@@ -48,13 +48,14 @@ KOBART_SHAPE = {
 
 def kobart_sized_model(folder: Path) -> Path:
     from dialogsum.config import load_model_config
-    from dialogsum.models import build_model, load_tokenizer, save_for_inference
+    from dialogsum.models import build_model, load_tokenizer
     from dialogsum.precision import detect_device, resolve_precision
+    from dialogsum.serving import saved_model
 
     cfg = load_model_config("kobart-tiny", KOBART_SHAPE)
     tokenizer = load_tokenizer(cfg)
     built = build_model(cfg, tokenizer, resolve_precision("fp32", detect_device()), for_training=False)
-    return save_for_inference(built, cfg, folder, built.model)
+    return saved_model.write_trained(folder, built, cfg, built.model)
 
 
 def speed_and_size(args, workdir: Path) -> None:

@@ -124,14 +124,14 @@ def test_validation_is_split_between_processes_and_scores_as_one_process_does(tr
 
     from dialogsum.data import load_data_roles
     from dialogsum.features import build_collator, tokenize_rows
-    from dialogsum.models import load_for_inference
+    from dialogsum.serving import saved_model
     from dialogsum.training.recipe import validate
 
     client, _ = trainings["distributed"]
     run = _only_run(client)
     assert run.data.params["runtime.generation_rows_per_process"] == f"{EVAL_ROWS // 2},{EVAL_ROWS // 2}"
     folder = Path(client.download_artifacts(run.info.run_id, "checkpoints", str(tmp_path)))
-    model, tokenizer, cfg = load_for_inference(folder / "best")
+    model, tokenizer, cfg = saved_model.load(folder / "best")
     missing, unexpected = model.load_state_dict(load_file(folder / "last" / "state" / "model.safetensors"), strict=False)
     assert not unexpected and all("embed_tokens" in k or "lm_head" in k for k in missing), missing  # tied to `shared`
     roles = load_data_roles(sample_data_path("train"), sample_data_path("dev"), None, limits=(TRAIN_ROWS, EVAL_ROWS, None))

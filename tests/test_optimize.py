@@ -25,7 +25,6 @@ import torch
 
 import dialogsum.data
 import dialogsum.generate
-import dialogsum.models
 import dialogsum.optimize
 from dialogsum.data import read_dialogues, split_validation, write_dialogues
 from dialogsum.optimize import (
@@ -43,6 +42,7 @@ from dialogsum.optimize import (
     sweep_batch_sizes,
 )
 from dialogsum.quantize import VariantError, resolve_variants
+from dialogsum.serving import saved_model
 from dialogsum.serving.pyfunc import run_model_uri
 from dialogsum.tracking import (
     KIND_TAG,
@@ -85,12 +85,12 @@ def trained_run(module_store) -> str:
 def optimized(trained_run, labelled, test_csv):
     """One int8 optimize run, counting model loads, with an out-of-memory error injected at batch size 4 of int8."""
     loads: list[str] = []
-    real_load = dialogsum.models.load_for_inference
+    real_load = saved_model.load
     real_summarize = dialogsum.generate.summarize
 
-    def counting_load(folder, device=None, dtype=None):
+    def counting_load(folder, device=None, dtype=None, merge=False):
         loads.append(str(folder))
-        return real_load(folder, device, dtype)
+        return real_load(folder, device, dtype, merge)
 
     def summarize_or_oom(model, tokenizer, cfg, dialogues, batch_size=16, overrides=None, on_batch=None):
         quantized = any(is_quantized(m) for m in model.modules())
@@ -99,7 +99,7 @@ def optimized(trained_run, labelled, test_csv):
         return real_summarize(model, tokenizer, cfg, dialogues, batch_size, overrides, on_batch)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dialogsum.models, "load_for_inference", counting_load)
+        mp.setattr(saved_model, "load", counting_load)
         mp.setattr(dialogsum.generate, "summarize", summarize_or_oom)
         run_id = optimize_run(trained_run, quantization="int8", batch_sizes=BATCH_SIZES, data_path=labelled, n_samples=6,
                               test_path=test_csv, generation=FAST_GENERATION, settings=SweepSettings(min_gain=None, min_batches=2),
@@ -250,7 +250,7 @@ def test_bitsandbytes_variants_run_on_cpu_and_the_logged_nf4_model_summarises(tr
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/kobart-tiny-bnb-nf4")
     inner = model.unwrap_python_model().model
     assert any(type(m).__name__ == "Linear4bit" for m in inner.modules())
-    summaries = list(model.predict(read_dialogues(labelled).dialogues[4:6], params={"num_beams": 2, "max_new_tokens": 12}))
+    summaries = list(model.predict([{"dialogue": d} for d in read_dialogues(labelled).dialogues[4:6]], params={"num_beams": 2, "max_new_tokens": 12}))
     assert len(summaries) == 2 and all(KOREAN_OR_SPEAKER.search(s) for s in summaries), summaries
 
 

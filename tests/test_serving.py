@@ -72,9 +72,12 @@ def test_served_champion_answers_a_json_request_with_korean_summaries(champion, 
         print(f"\nserved summaries: {summaries}")
         assert len(summaries) == len(dialogues)
         assert all(KOREAN_OR_SPEAKER.search(s) for s in summaries), summaries
-        listed = requests.post(f"{url}/invocations", json={"inputs": dialogues, "params": {"max_new_tokens": 16}}, timeout=60)
+        records = [{"fname": f"row{i}", "dialogue": d} for i, d in enumerate(dialogues)]
+        listed = requests.post(f"{url}/invocations", json={"inputs": records, "params": {"max_new_tokens": 16}}, timeout=60)
         assert listed.status_code == 200, listed.text
-        assert listed.json()["predictions"] == summaries, "a plain list of dialogues is accepted too"
+        assert listed.json()["predictions"] == summaries, "records with a dialogue field are accepted too"
+        bad = requests.post(f"{url}/invocations", json={"inputs": [{"text": dialogues[0]}]}, timeout=60)
+        assert bad.status_code == 400 and "dialogue" in bad.text, "a record without a dialogue is refused by name"
     finally:
         stop_process_group(process)
 
@@ -122,8 +125,8 @@ class FailsOn:
     def __init__(self, bad: str, blank: str):
         self.bad, self.blank = bad, blank
 
-    def predict(self, frame, params=None):  # noqa: ARG002
-        dialogues = list(frame["dialogue"])
+    def predict(self, records, params=None):  # noqa: ARG002
+        dialogues = [r["dialogue"] for r in records]
         if self.bad in dialogues:
             raise RuntimeError("CUDA out of memory")
         return ["" if d == self.blank else f"요약: {d[:10]}" for d in dialogues]

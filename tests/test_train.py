@@ -77,7 +77,10 @@ def test_kobart_tiny_run_tells_the_whole_story(mlflow_store, monkeypatch):
     summaries = model.predict(frame, params={"max_new_tokens": 24})
     assert len(summaries) == 3 and all(isinstance(s, str) and s for s in summaries)
     assert any(HANGUL.search(s) for s in summaries), summaries
-    assert model.predict(frame["dialogue"].tolist(), params={"max_new_tokens": 24}) == summaries, "a list of strings works too"
+    records = [{"dialogue": d} for d in frame["dialogue"]]
+    assert model.predict(records, params={"max_new_tokens": 24}) == summaries, "records with a dialogue field work too"
+    with pytest.raises(mlflow.exceptions.MlflowException, match="dialogue"):  # validated against predict's type hints
+        model.predict(frame.rename(columns={"dialogue": "text"}))
     system = [k for k in metrics if k.startswith("system/")]
     assert "system/cpu_utilization_percentage" in system and "system/system_memory_usage_megabytes" in system, system
 

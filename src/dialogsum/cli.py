@@ -372,6 +372,43 @@ def predict(
 
 
 @app.command()
+def export(
+    out: Annotated[Path, typer.Option(help="Folder to write the saved model to (must not exist yet)")],
+    model_uri: Annotated[str, typer.Option(help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/MODEL_NAME")] = (
+        "models:/dialogsum-ko@champion"
+    ),
+    merge: Annotated[bool, typer.Option(help="Merge a LoRA adapter into 16-bit weights: one set of weights, no peft or "
+                                             "bitsandbytes needed, but not the model that was scored")] = False,  # fmt: skip
+    dtype: Annotated[str, typer.Option(help="dtype of merged weights: bfloat16 or float16")] = "bfloat16",
+) -> None:
+    """Write a logged model's saved-model folder: as it was scored, or with --merge its adapter merged into its base."""
+    from dialogsum.registry import RegistryError, resolve_model_uri
+    from dialogsum.serving import saved_model
+    from dialogsum.serving.pyfunc import logged_model_dir
+    from dialogsum.tracking import configure_tracking
+
+    if out.exists():
+        _fail(FileExistsError(f"{out} exists; give a new folder"))
+    if dtype not in ("bfloat16", "float16"):
+        _fail(ValueError(f"--dtype {dtype}: choose bfloat16 or float16"))
+    configure_tracking()
+    try:
+        pinned, _ = resolve_model_uri(model_uri)
+        folder = logged_model_dir(pinned)
+        if merge:
+            saved_model.write_merged(folder, out, dtype)
+        else:
+            saved_model.copy_to(folder, out)
+    except (RegistryError, LookupError, saved_model.SavedModelError, OSError) as e:
+        _fail(e)
+    described = saved_model.describe(out)
+    _say(f"wrote {out} from {pinned}\n{described['summary']}")
+    if not described["scored"]:
+        console.print("[yellow]warning:[/yellow] this is not the model whose scores were logged; evaluate it before "
+                      "serving it in place of the scored one", soft_wrap=True)  # fmt: skip
+
+
+@app.command()
 def optimize(
     run: Annotated[str, typer.Option(help="Optimise the model logged by this run")] = "",
     model_uri: Annotated[str, typer.Option(help="...or this model: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/MODEL_NAME")] = "",

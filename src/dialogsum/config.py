@@ -128,6 +128,8 @@ class ModelConfig(StrictModel):
     family: Family
     task: Literal["seq2seq", "causal"]
     hub_id: str | None = None
+    revision: str | None = Field(None, description="the hub branch, tag or commit of the weights (and of the tokenizer when it comes from hub_id); "
+                                                  "each run tags the commit it resolved to, and every later load of the run's model uses that commit")
     source: Literal["hub", "config"] = "hub"
     architecture: dict[str, Any] | None = None
     params_billions: float
@@ -154,6 +156,11 @@ class ModelConfig(StrictModel):
         if self.task == "causal" and self.prompt.format == "seq2seq":
             raise ValueError("a causal model takes prompt.format 'chat' or 'instruction'")
         return self
+
+    @property
+    def tokenizer_revision(self) -> str | None:
+        """`revision` applies to the tokenizer when it comes from the model's own hub repository."""
+        return self.revision if self.tokenizer.path in (None, self.hub_id) else None
 
     @property
     def weights_id(self) -> str:

@@ -21,7 +21,6 @@ from dialogsum.data import SPECIAL_TOKENS
 from dialogsum.precision import PrecisionPolicy
 
 EMBEDDING_ROWS_MULTIPLE = 64
-MODEL_CONFIG_FILE = "dialogsum_model.json"
 
 
 def cache_dir() -> Path:
@@ -62,7 +61,7 @@ def load_tokenizer(cfg: ModelConfig, train_texts: list[str] | None = None):
 
     source = cfg.tokenizer.path or cfg.hub_id
     if source:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, **_revision(cfg.tokenizer_revision))
     elif train_texts:
         tokenizer = train_tokenizer(train_texts, cfg)
     else:
@@ -71,6 +70,24 @@ def load_tokenizer(cfg: ModelConfig, train_texts: list[str] | None = None):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _revision(revision: str | None) -> dict[str, str]:
+    return {"revision": revision} if revision else {}
+
+
+def hub_commit(repo_id: str, revision: str | None = None, filename: str = "config.json") -> str | None:
+    """The commit of the HF cache snapshot that `repo_id` at `revision` (default: main) resolves to, which is what
+    `from_pretrained` just loaded; None for a local folder or a file that is not cached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if not repo_id or Path(repo_id).exists():
+        return None
+    try:
+        cached = try_to_load_from_cache(repo_id, filename, revision=revision)
+    except ValueError:  # not a valid repo id
+        return None
+    return Path(cached).parent.name if isinstance(cached, str) else None
 
 
 def add_dialogue_tokens(tokenizer) -> int:
@@ -151,34 +168,55 @@ def local_device(device: str) -> int | str:
 class BuiltModel:
     model: Any
     tokenizer: Any
-    base_source: str
+    base_source: str  # the hub id, or the folder of a random-init base
     tag_token_ids: list[int]
+    weights_commit: str | None  # the HF cache snapshot the hub weights came from
+    tokenizer_commit: str | None
+    dtype: str  # what the weights were loaded in ("float32", "bfloat16", ...)
+    quantization: dict[str, Any] | None  # the BitsAndBytesConfig of a quantized (QLoRA) base, as a dict
+
+
+def auto_model_class(cfg: ModelConfig):
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM if cfg.task == "seq2seq" else AutoModelForCausalLM
+
+
+def load_weights(cfg: ModelConfig, source: str | Path, dtype, quantization, device: str, revision: str | None = None):
+    """`from_pretrained` of the config's model class in `dtype`; a quantized model is placed on `device` as it loads."""
+    kwargs: dict[str, Any] = {"dtype": dtype, **_revision(revision)}
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        kwargs["device_map"] = {"": local_device(device)}
+    return auto_model_class(cfg).from_pretrained(source, **kwargs)
 
 
 def build_model(cfg: ModelConfig, tokenizer, policy: PrecisionPolicy, for_training: bool = True) -> BuiltModel:
-    """Load weights (full fine-tuning in fp32 master weights; LoRA bases in the compute dtype; QLoRA in nf4),
-    resize embeddings for the added tokens, and wrap with LoRA when configured."""
+    """Load weights (full fine-tuning in fp32 master weights; LoRA bases in the compute dtype; QLoRA in nf4) at the
+    config's `revision`, resize embeddings for the added tokens, and wrap with LoRA when configured."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     source = weights_source(cfg, tokenizer)
-    auto = AutoModelForSeq2SeqLM if cfg.task == "seq2seq" else AutoModelForCausalLM
-    kwargs: dict[str, Any] = {"dtype": policy.torch_dtype() if cfg.lora else torch.float32}
+    revision = cfg.revision if cfg.source == "hub" else None
+    dtype = policy.torch_dtype() if cfg.lora else torch.float32
     quant = quantization_config(cfg, policy)
-    if quant is not None:
-        kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": local_device(policy.device)}
-    model = auto.from_pretrained(source, **kwargs)
+    model = load_weights(cfg, source, dtype, quant, policy.device, revision)
     new_rows = resize_embeddings(model, tokenizer)
     tag_ids = tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS)
     if for_training:
         init_tags_from_pieces(model, tokenizer, [i for i in tag_ids if i in new_rows])
-    _align_special_ids(model, tokenizer)
+    align_special_ids(model, tokenizer)
     if cfg.lora is not None and for_training:
         model = _wrap_lora(model, cfg, tag_ids)
     elif cfg.training.gradient_checkpointing and for_training:
         model.gradient_checkpointing_enable()
-    return BuiltModel(model, tokenizer, source, tag_ids)
+    hub = cfg.source == "hub"
+    tokenizer_source = cfg.tokenizer.path or cfg.hub_id or ""
+    return BuiltModel(model, tokenizer, source, tag_ids,
+                      weights_commit=hub_commit(source, revision) if hub else None,
+                      tokenizer_commit=hub_commit(tokenizer_source, cfg.tokenizer_revision, "tokenizer_config.json"),
+                      dtype=str(dtype).removeprefix("torch."),
+                      quantization=json.loads(quant.to_json_string()) if quant is not None else None)  # fmt: skip
 
 
 def resize_embeddings(model, tokenizer) -> set[int]:
@@ -228,7 +266,7 @@ def output_is_tied(model) -> bool:
     return output is None or output.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
 
 
-def _align_special_ids(model, tokenizer) -> None:
+def align_special_ids(model, tokenizer) -> None:
     """The pad id follows the tokenizer; the generation config's EOS ids stay the model's own terminators
     (`generate.stop_token_ids` adds the tokenizer's EOS to them)."""
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -241,7 +279,7 @@ def _wrap_lora(model, cfg: ModelConfig, tag_token_ids: list[int]):
 
     assert cfg.lora is not None
     if cfg.quantization != "none":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.gradient_checkpointing)  # upcasts what is not quantized to fp32
     elif cfg.training.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
@@ -257,66 +295,3 @@ def _wrap_lora(model, cfg: ModelConfig, tag_token_ids: list[int]):
                                  **({} if output_is_tied(model) else {module_name(model, model.get_output_embeddings()): tag_token_ids})},  # fmt: skip
     )
     return get_peft_model(model, lora)
-
-
-def save_for_inference(built: BuiltModel, cfg: ModelConfig, folder: Path, unwrapped_model) -> Path:
-    """Write everything needed to rebuild the model: weights (or LoRA adapter plus, for a random-init base,
-    the base itself), tokenizer, and the resolved model config."""
-    folder.mkdir(parents=True, exist_ok=True)
-    built.tokenizer.save_pretrained(folder / "tokenizer")
-    info = {"config": cfg.model_dump(), "adapter": cfg.lora is not None, "base": None}
-    if cfg.lora is not None:
-        unwrapped_model.save_pretrained(folder / "adapter")
-        if cfg.source == "config":
-            shutil.copytree(built.base_source, folder / "base", dirs_exist_ok=True)
-            info["base"] = "base"
-        else:
-            info["base"] = built.base_source
-    else:
-        unwrapped_model.save_pretrained(folder / "weights")
-    (folder / MODEL_CONFIG_FILE).write_text(json.dumps(info, ensure_ascii=False, indent=2), encoding="utf-8")
-    return folder
-
-
-def saved_quantization(folder: str | Path) -> str | None:
-    """The `quantization` a `save_for_inference` folder records (written by `dialogsum optimize`); None for a model
-    saved as trained."""
-    return json.loads((Path(folder) / MODEL_CONFIG_FILE).read_text(encoding="utf-8")).get("quantization")
-
-
-def load_for_inference(folder: str | Path, device: str | None = None, dtype=None):
-    """Rebuild (model, tokenizer, ModelConfig) from `save_for_inference` output, ready to generate.
-
-    Weights load straight into `dtype` (default: fp32 on CPU, the compute dtype on CUDA) on `device`; LoRA
-    adapters are merged into their base. A folder whose json names a `quantization` (written by
-    `dialogsum optimize`) is rebuilt by `dialogsum.quantize`, on the device that variant runs on."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
-    folder = Path(folder)
-    info = json.loads((folder / MODEL_CONFIG_FILE).read_text(encoding="utf-8"))
-    cfg = ModelConfig.model_validate(info["config"])
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or (torch.float32 if device == "cpu" else (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16))
-    placed = {"device_map": {"": device}} if device != "cpu" else {}  # on the GPU as they load, never via the CPU
-    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
-    auto = AutoModelForSeq2SeqLM if cfg.task == "seq2seq" else AutoModelForCausalLM
-    quantization = info.get("quantization")
-    if quantization:
-        from dialogsum.quantize import load_quantized
-
-        model = load_quantized(folder / "weights", quantization, auto, device)
-    elif info["adapter"]:
-        from peft import PeftModel
-
-        base_path = folder / info["base"] if info["base"] == "base" else info["base"]
-        base = auto.from_pretrained(base_path, dtype=dtype, **placed)
-        resize_embeddings(base, tokenizer)
-        model = PeftModel.from_pretrained(base, folder / "adapter").merge_and_unload()
-    else:
-        model = auto.from_pretrained(folder / "weights", dtype=dtype, **placed)
-    _align_special_ids(model, tokenizer)
-    if not quantization:
-        model.to(device)
-    model.eval()
-    return model, tokenizer, cfg

@@ -397,13 +397,13 @@ def load_variant(model_dir: Path, name: str, device: str, staging: Path):
     int8 quantizes fp32 weights on the CPU; bitsandbytes variants quantize as they load."""
     import torch
 
-    from dialogsum.models import load_for_inference
     from dialogsum.quantize import BASELINE, prepare_variant
+    from dialogsum.serving import saved_model
 
     direct = {BASELINE: torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if name in direct:
-        return load_for_inference(model_dir, device=device, dtype=direct[name])
-    model, tokenizer, cfg = load_for_inference(model_dir, device="cpu", dtype=torch.float32)
+        return saved_model.load(model_dir, device=device, dtype=direct[name], merge=True)
+    model, tokenizer, cfg = saved_model.load(model_dir, device="cpu", dtype=torch.float32, merge=True)
     return prepare_variant(model, name, device, staging), tokenizer, cfg
 
 
@@ -431,8 +431,10 @@ def measure_variants(
     predictions against the references and fp32's (validation quality decides the recommendation; test quality
     is reported)."""
     from dialogsum.generate import summarize
-    from dialogsum.quantize import folder_bytes, save_variant
+    from dialogsum.quantize import folder_bytes
+    from dialogsum.serving import saved_model
 
+    source = saved_model.read(model_dir)
     results: dict[str, VariantResult] = {}
     cfg, total_params = None, 0
     for name in variants:
@@ -459,7 +461,7 @@ def measure_variants(
         if test_data is not None and sweep.outputs is not None:
             largest = max(p.batch_size for p in sweep.points if p.ok)
             test_outputs = summarize(model, tokenizer, cfg, test_data.dialogues, largest, generation)
-        folder = save_variant(model, tokenizer, cfg, name, workdir / name)
+        folder = saved_model.write_variant(workdir / name, model, tokenizer, source, name)
         results[name] = VariantResult(sweep, folder, folder_bytes(folder), model_bytes(model), loaded - start,
                                       swept - loaded, test_outputs=test_outputs)  # fmt: skip
         del model, generate
@@ -476,24 +478,18 @@ def measure_variants(
 
 
 def source_model_dir(model_uri: str) -> Path:
-    """The local `model_dir` folder of a logged dialogsum pyfunc (downloaded; the model is not loaded)."""
-    import mlflow
-    from mlflow.models import Model
-
-    from dialogsum.models import saved_quantization
-    from dialogsum.serving.pyfunc import MODEL_ARTIFACT_KEY
+    """The saved-model folder of a logged dialogsum pyfunc (downloaded; the model is not loaded), which must be a
+    trained model, not an optimised variant."""
+    from dialogsum.serving import saved_model
+    from dialogsum.serving.pyfunc import logged_model_dir
 
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
-        artifacts = Model.load(local).flavors["python_function"].get("artifacts", {})
-    except Exception as e:
-        raise OptimizeError(f"{model_uri}: cannot read the logged model ({type(e).__name__}: {e})") from e
-    if MODEL_ARTIFACT_KEY not in artifacts:
-        raise OptimizeError(f"{model_uri}: not a dialogsum model (no '{MODEL_ARTIFACT_KEY}' artifact)")
-    folder = local / artifacts[MODEL_ARTIFACT_KEY]["path"]
-    quantization = saved_quantization(folder)
-    if quantization:
-        raise OptimizeError(f"{model_uri}: already an optimised '{quantization}' model; optimise its source model instead")
+        folder = logged_model_dir(model_uri)
+        variant = saved_model.read(folder).variant
+    except (LookupError, saved_model.SavedModelError) as e:
+        raise OptimizeError(str(e)) from e
+    if variant:
+        raise OptimizeError(f"{model_uri}: already an optimised '{variant}' model; optimise its source model instead")
     return folder
 
 
@@ -621,7 +617,7 @@ def _log_report(report: OptimizeReport, data, test_data, choice: Recommendation,
     n = min(2, len(rows))
     name = report.cfg.name if logged == "fp32" else f"{report.cfg.name}-{logged}"
     log_summarizer(report.results[logged].folder, name, report.cfg.generation, [r["dialogue"] for r in rows[:n]],
-                   [r["prediction"] for r in rows[:n]], batch_size=choice.batch_size)  # fmt: skip
+                   batch_size=choice.batch_size)
 
 
 def optimize_run(

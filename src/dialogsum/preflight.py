@@ -126,27 +126,28 @@ def hub_reachable() -> tuple[bool, str]:
     return True, ""
 
 
-def weights_available(source: str) -> tuple[bool, str]:
-    """Whether a hub id or local path can be loaded now: (ok, where or why not)."""
+def weights_available(source: str, revision: str | None = None) -> tuple[bool, str]:
+    """Whether a hub id (at `revision`, default main) or local path can be loaded now: (ok, where or why not)."""
     if Path(source).expanduser().is_dir():
         return True, f"local folder {source}"
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
 
     try:
-        cached = try_to_load_from_cache(source, "config.json")
+        cached = try_to_load_from_cache(source, "config.json", revision=revision)
     except HFValidationError:
         return False, f"weights unreachable: '{source}' is neither an existing local folder nor a valid hub id"
+    at = f" at revision {revision}" if revision else ""
     if isinstance(cached, str):
-        return True, "Hugging Face cache"
+        return True, f"Hugging Face cache (commit {Path(cached).parent.name}{at and ', pinned'})"
     online, why = hub_reachable()
     if not online:
-        return False, f"weights unreachable: '{source}' is not a local folder nor in the Hugging Face cache, and the hub is offline ({why})"
+        return False, f"weights unreachable: '{source}'{at} is not a local folder nor in the Hugging Face cache, and the hub is offline ({why})"
     from huggingface_hub import model_info
     from huggingface_hub.errors import HfHubHTTPError
 
     try:
-        model_info(source, timeout=5)
+        model_info(source, revision=revision, timeout=5)
     except HfHubHTTPError as e:
         return False, f"weights unreachable: hub answered for '{source}': {e}"
     except Exception as e:  # DNS/TLS/timeouts
@@ -180,7 +181,7 @@ def check_model(cfg: ModelConfig, device: DeviceInfo) -> Verdict:
             f"{device.available_bytes / GIB:.1f} GiB available"
         )
     if cfg.source == "hub":
-        ok, where = weights_available(cfg.hub_id or "")
+        ok, where = weights_available(cfg.hub_id or "", cfg.revision)
         (verdict.notes.append(f"weights: {where}") if ok else verdict.block(where))
     tokenizer_path = cfg.tokenizer.path
     if tokenizer_path and tokenizer_path != cfg.hub_id:
@@ -200,7 +201,7 @@ def chat_template(cfg: ModelConfig) -> tuple[str | None, str]:
     if not source:
         return ("prompt.format 'chat' needs a tokenizer with a chat template, and this model trains its own "
                 "tokenizer, which has none; use prompt.format 'instruction' or set tokenizer.path"), ""  # fmt: skip
-    files = {name: _tokenizer_file(source, name) for name in TEMPLATE_FILES}
+    files = {name: _tokenizer_file(source, name, cfg.tokenizer_revision) for name in TEMPLATE_FILES}
     if all(path is None for path in files.values()):
         return None, f"chat template: not checked, the tokenizer files of '{source}' are not reachable"
     config = files["tokenizer_config.json"]
@@ -214,7 +215,7 @@ def chat_template(cfg: ModelConfig) -> tuple[str | None, str]:
 TEMPLATE_FILES = ("tokenizer_config.json", "chat_template.jinja")
 
 
-def _tokenizer_file(source: str, name: str) -> str | None:
+def _tokenizer_file(source: str, name: str, revision: str | None = None) -> str | None:
     """A tokenizer file's local path: in a local folder, in the HF cache, or downloaded when the hub is reachable;
     None when the file does not exist or cannot be had."""
     folder = Path(source).expanduser()
@@ -224,7 +225,7 @@ def _tokenizer_file(source: str, name: str) -> str | None:
     from huggingface_hub.errors import HFValidationError
 
     try:
-        cached = try_to_load_from_cache(source, name)
+        cached = try_to_load_from_cache(source, name, revision=revision)
     except HFValidationError:
         return None
     if isinstance(cached, str):
@@ -232,7 +233,7 @@ def _tokenizer_file(source: str, name: str) -> str | None:
     if cached is not None or not hub_reachable()[0]:  # cached as missing, or offline
         return None
     try:
-        return hf_hub_download(source, name, etag_timeout=5)
+        return hf_hub_download(source, name, revision=revision, etag_timeout=5)
     except Exception:  # not in the repository, or the hub failed: the loader will say more
         return None
 

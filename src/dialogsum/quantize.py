@@ -1,12 +1,12 @@
-"""Inference variants of a trained model: what each one is, how to make it from the fp32 model, how to save it
-so it loads back, and how `load_for_inference` restores it.
+"""Inference variants of a trained model: what each one is, how to make it from the fp32 model, and how its weights
+are written and rebuilt (the saved-model folder around them is `dialogsum.serving.saved_model`'s).
 
 - `fp32`: the original, on the sweep's device.
 - `int8` (CPU): dynamic INT8 quantization of every `nn.Linear` (int8 weights with per-output-channel scales,
   activations quantized per batch) with PyTorch's fbgemm/x86 kernels via
   `torch.ao.quantization.quantize_dynamic`. The README section
   "Inference optimisation" explains why this path and not torchao or ONNX Runtime. It is saved as a real
-  int8 state dict (`weights/int8_dynamic.pt`) and rebuilt at load time: architecture from `config.json`,
+  int8 state dict (`int8_dynamic.pt`) and rebuilt at load time: architecture from `config.json`,
   the same quantization applied, then the int8 state loaded into it.
 - `fp16`, `bf16` (CUDA): the weights cast to half precision.
 - `bnb-int8`, `bnb-nf4`: bitsandbytes LLM.int8 and 4-bit NF4 weights, saved in bitsandbytes' serialized form; on
@@ -17,7 +17,6 @@ Module-level imports are standard library only, so GPU scripts without MLflow or
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from dataclasses import dataclass
@@ -169,45 +168,24 @@ def prepare_variant(model, name: str, device: str, staging: Path):
     raise VariantError(f"unknown variant '{name}'")
 
 
-class _Int8Weights:
-    """Stands in for a model in `save_for_inference`: writes config, generation config and the int8 state
-    (without the input embedding when it is the output layer's int8 rows, see `quantize_int8_dynamic`)."""
+def save_int8(model, folder: Path) -> None:
+    """Write an `int8` variant's config, generation config and int8 state into `folder` (without the input embedding
+    when it is the output layer's int8 rows, see `quantize_int8_dynamic`); `load_quantized` reads it back."""
+    import torch
 
-    def __init__(self, model):
-        self.model = model
-
-    def save_pretrained(self, folder: Path) -> None:
-        import torch
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.model.config.save_pretrained(folder)
-        self.model.generation_config.save_pretrained(folder)
-        state = self.model.state_dict()
-        if torch.equal(self.model.get_input_embeddings().weight, _int8_output_rows(self.model)):
-            for key in _embedding_keys(self.model, state):
-                del state[key]
-        torch.save(state, folder / INT8_STATE_FILE)
-
-
-def save_variant(model, tokenizer, cfg, name: str, folder: Path) -> Path:
-    """Save a variant in the `save_for_inference` layout, with `quantization` recorded in its
-    `dialogsum_model.json` (absent for fp32) so `load_for_inference` rebuilds the same variant."""
-    from dialogsum.models import MODEL_CONFIG_FILE, BuiltModel, save_for_inference
-
-    merged = cfg.model_copy(update={"lora": None, "quantization": "none"})  # adapters are merged by the loader
-    writer = _Int8Weights(model) if name == "int8" else model
-    save_for_inference(BuiltModel(model, tokenizer, "", []), merged, folder, writer)
-    if name != BASELINE:
-        info_path = folder / MODEL_CONFIG_FILE
-        info = json.loads(info_path.read_text(encoding="utf-8"))
-        info["quantization"] = name
-        info_path.write_text(json.dumps(info, ensure_ascii=False, indent=2), encoding="utf-8")
-    return folder
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    state = model.state_dict()
+    if torch.equal(model.get_input_embeddings().weight, _int8_output_rows(model)):
+        for key in _embedding_keys(model, state):
+            del state[key]
+    torch.save(state, folder / INT8_STATE_FILE)
 
 
 def load_quantized(weights: Path, name: str, auto, device: str) -> Any:
-    """Rebuild a saved variant (see `save_variant`) from its `weights` folder, in eval mode: `int8` on the CPU,
+    """Rebuild a saved variant from its `weights` folder, in eval mode: `int8` on the CPU,
     `fp16`/`bf16` on CUDA (in fp32 when `device` is the CPU), bitsandbytes variants on `device`."""
     import torch
 
@@ -237,7 +215,7 @@ def load_quantized(weights: Path, name: str, auto, device: str) -> Any:
         return auto.from_pretrained(weights, dtype=dtype).to("cuda").eval()
     if name.startswith("bnb-"):
         return load_bitsandbytes(auto, weights, name, device, quantize=False)
-    raise VariantError(f"{weights.parent}: unknown quantization '{name}' in its dialogsum_model.json")
+    raise VariantError(f"{weights.parent}: unknown variant '{name}'")
 
 
 def folder_bytes(path: Path) -> int:

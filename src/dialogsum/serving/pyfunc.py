@@ -1,25 +1,38 @@
-"""The MLflow pyfunc that every trained (or optimised) dialogsum model is logged as.
+"""The MLflow pyfunc that every trained (or optimised) dialogsum model is logged as, from code
+(`serving/model_code.py`, MLflow's models-from-code), not as a pickled object.
 
-Input: a DataFrame with a `dialogue` column, a list of strings, or {"dialogue": [...]}. Output: one summary per
-dialogue. Generation settings (num_beams, max_new_tokens, ...) can be overridden per request through params.
+Input: records with a `dialogue` field (a DataFrame with a `dialogue` column, `[{"dialogue": "..."}]`, or over HTTP
+`{"inputs": [{"dialogue": "..."}]}`); other fields such as `fname` are ignored. MLflow validates the input against
+`predict`'s type hints and rejects a record without a string `dialogue` by name. Output: one summary per dialogue.
+Generation settings (num_beams, max_new_tokens, ...) can be overridden per request through params. The model is the
+saved-model folder (`saved_model`), loaded by `saved_model.load` exactly as the training's test scores loaded it.
 """
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+from pydantic import BaseModel, ConfigDict
 
 from dialogsum.config import GenerationSettings
 
 MODEL_ARTIFACT_KEY = "model_dir"
+MODEL_CODE = Path(__file__).with_name("model_code.py")
 DEFAULT_BATCH_SIZE = 16
 
 
 class NoLoggedModel(LookupError):
     """A run that logged no READY dialogsum model."""
+
+
+class DialogueInput(BaseModel):
+    """One input record."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    dialogue: str
 
 
 def run_model_uri(run_id: str) -> str:
@@ -37,29 +50,12 @@ def run_model_uri(run_id: str) -> str:
     return ready[-1].model_uri
 
 
-def dialogues_from_input(model_input: Any) -> list[str]:
-    import pandas as pd
-
-    if isinstance(model_input, pd.DataFrame):
-        if "dialogue" in model_input.columns:
-            return [str(d) for d in model_input["dialogue"]]
-        if len(model_input.columns) == 1:
-            return [str(d) for d in model_input.iloc[:, 0]]
-        raise ValueError(f"input DataFrame needs a 'dialogue' column (got {list(model_input.columns)})")
-    if isinstance(model_input, dict) and "dialogue" in model_input:
-        value = model_input["dialogue"]
-        return [value] if isinstance(value, str) else [str(d) for d in value]
-    if isinstance(model_input, str):
-        return [model_input]
-    return [str(d) for d in model_input]
-
-
 def predict_summaries(model, dialogues: list[str], params: dict[str, Any] | None = None) -> list[str]:
     """A loaded dialogsum pyfunc's summaries for `dialogues`, one per dialogue, stripped; raises ValueError when the
     model returns another count."""
     import pandas as pd
 
-    output = model.predict(pd.DataFrame({"dialogue": dialogues}), params=params)
+    output = model.predict([{"dialogue": d} for d in dialogues], params=params)
     summaries = list(output.iloc[:, 0] if isinstance(output, pd.DataFrame) else output)
     if len(summaries) != len(dialogues):
         raise ValueError(f"the model returned {len(summaries)} summaries for {len(dialogues)} dialogues")
@@ -67,59 +63,45 @@ def predict_summaries(model, dialogues: list[str], params: dict[str, Any] | None
 
 
 class DialogueSummarizer(mlflow.pyfunc.PythonModel):
-    """Loads the saved model folder once per process and summarises batches of dialogues."""
-
-    def __init__(self, batch_size: int = DEFAULT_BATCH_SIZE):
-        self.batch_size = batch_size
+    """Loads the saved-model folder once per process and summarises batches of dialogues."""
 
     def load_context(self, context) -> None:
-        from dialogsum.models import load_for_inference
+        from dialogsum.serving import saved_model
 
-        self.model, self.tokenizer, self.cfg = load_for_inference(context.artifacts[MODEL_ARTIFACT_KEY])
+        self.batch_size = int((context.model_config or {}).get("batch_size", DEFAULT_BATCH_SIZE))
+        self.model, self.tokenizer, self.cfg = saved_model.load(context.artifacts[MODEL_ARTIFACT_KEY])
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:  # noqa: ARG002
+    def predict(self, context, model_input: list[DialogueInput], params: dict[str, Any] | None = None) -> list[str]:  # noqa: ARG002
         from dialogsum.generate import summarize
 
         params = dict(params or {})
         batch_size = int(params.pop("batch_size", self.batch_size))
-        return summarize(self.model, self.tokenizer, self.cfg, dialogues_from_input(model_input), batch_size, params)
+        return summarize(self.model, self.tokenizer, self.cfg, [record.dialogue for record in model_input], batch_size, params)
 
 
 def default_params(settings: GenerationSettings, batch_size: int = DEFAULT_BATCH_SIZE) -> dict[str, Any]:
     return {**settings.model_dump(exclude={"stop_tokens"}), "batch_size": batch_size}
 
 
-def log_summarizer(
-    model_dir: Path,
-    name: str,
-    settings: GenerationSettings,
-    example_dialogues: list[str],
-    example_summaries: list[str],
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    **kwargs,
-):
-    """Log a saved model folder as the pyfunc `name` (the model and step, e.g. `kobart-tiny-int8`) of the active run,
-    with signature and input example; `batch_size` is the default generation batch size of `predict`.
+def log_summarizer(model_dir: Path, name: str, settings: GenerationSettings, example_dialogues: list[str],
+                   batch_size: int = DEFAULT_BATCH_SIZE, **kwargs):  # fmt: skip
+    """Log a saved-model folder as the pyfunc `name` (the model and step, e.g. `kobart-tiny-int8`) of the active run,
+    from code, with `batch_size` as `predict`'s default generation batch size. The signature comes from `predict`'s
+    type hints and, for the per-request generation params, from the input example; MLflow runs the pyfunc on the
+    example while logging, so a folder that cannot be served fails here. What the folder holds (`describe`) is the
+    logged model's metadata."""
+    from dialogsum.serving.saved_model import describe
 
-    The signature declares the output and the per-request generation params but no input schema: MLflow's input
-    enforcement would either reject a plain list of strings (named `dialogue` column) or keep only the first
-    column of a DataFrame (unnamed column). `dialogues_from_input` validates the input instead and accepts a
-    DataFrame with a `dialogue` column, a list of strings or {"dialogue": [...]}."""
-    import pandas as pd
-    from mlflow.models import ModelSignature, infer_signature
-
-    example = pd.DataFrame({"dialogue": example_dialogues})
-    warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
-    inferred = infer_signature(example, pd.Series(example_summaries, name="summary"), params=default_params(settings, batch_size))
-    signature = ModelSignature(inputs=None, outputs=inferred.outputs, params=inferred.params)
+    example = ([{"dialogue": d} for d in example_dialogues], default_params(settings, batch_size))
     kwargs.setdefault("pip_requirements", inference_requirements(model_dir))
     kwargs.setdefault("code_paths", [str(Path(__file__).resolve().parent.parent)])
     return mlflow.pyfunc.log_model(
         name=name,
-        python_model=DialogueSummarizer(batch_size),
+        python_model=str(MODEL_CODE),
         artifacts={MODEL_ARTIFACT_KEY: str(model_dir)},
-        signature=signature,
+        model_config={"batch_size": batch_size},
         input_example=example,
+        metadata={"dialogsum": describe(model_dir)},
         **kwargs,
     )
 
@@ -130,9 +112,26 @@ def inference_requirements(model_dir: Path) -> list[str]:
     load per logged model."""
     from importlib.metadata import version
 
-    from dialogsum.models import saved_quantization
+    from dialogsum.serving.saved_model import read
 
+    info = read(model_dir)
     packages = ["torch", "transformers", "tokenizers", "peft", "accelerate", "packaging", "pandas", "pydantic", "pyyaml"]
-    if (saved_quantization(model_dir) or "").startswith("bnb-"):
+    if (info.variant or "").startswith("bnb-") or (info.base is not None and info.base.quantization):
         packages.append("bitsandbytes")
     return [f"{name}=={version(name)}" for name in packages]
+
+
+def logged_model_dir(model_uri: str) -> Path:
+    """The saved-model folder of a logged dialogsum pyfunc, downloaded (the model is not loaded); LookupError when
+    the URI cannot be read or is not a dialogsum model."""
+    import mlflow
+    from mlflow.models import Model
+
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+        artifacts = Model.load(local).flavors["python_function"].get("artifacts", {})
+    except Exception as e:
+        raise LookupError(f"{model_uri}: cannot read the logged model ({type(e).__name__}: {e})") from e
+    if MODEL_ARTIFACT_KEY not in artifacts:
+        raise LookupError(f"{model_uri}: not a dialogsum model (no '{MODEL_ARTIFACT_KEY}' artifact)")
+    return local / artifacts[MODEL_ARTIFACT_KEY]["path"]

@@ -5,7 +5,7 @@ Layout of a checkpoint root (local: `$DIALOGSUM_CACHE_DIR/checkpoints/<run_id>`;
     last/state/             accelerate's `save_state`: model (LoRA: the trainable parameters only), optimizer,
                             scheduler, RNG states of every process, gradient scaler
     last/trainer_state.json epoch, global step, best-so-far, every finished epoch's metrics, the best predictions
-    best/                   the best epoch's servable model (`models.save_for_inference`)
+    best/                   the best epoch's servable model (`serving.saved_model.write_trained`)
 
 Each save replaces the previous one (written beside it, then swapped in), so a run stores at most two checkpoints
 however many epochs it has, and a kill during a save leaves the previous one whole. `checkpoint.keep` says which

@@ -31,6 +31,8 @@ from dialogsum.training.checkpoints import CheckpointError, Checkpoints, Trainer
 
 SCORE_KEYS = ("rouge1", "rouge2", "rougeL", "final")
 RESUMED_FROM_TAG = "dialogsum.resumed_from_epoch"
+WEIGHTS_COMMIT_TAG = "dialogsum.weights.commit"  # the HF cache snapshot the hub weights were loaded from
+TOKENIZER_COMMIT_TAG = "dialogsum.tokenizer.commit"
 CLEARED_ON_RESUME = ("error.type", "error.stage", "error.message", "dialogsum.reason", "mlflow.note.content")
 EPOCH_METRICS = ("val_loss", "val_rouge1", "val_rouge2", "val_rougeL", "val_final", "val_gen_len",
                  "val_final_ci95_low", "val_final_ci95_high")  # fmt: skip
@@ -194,13 +196,13 @@ def train_epoch(model, loader, optimizer, scheduler, accelerator, max_grad_norm:
 
 
 def evaluate_saved_model(model_dir: Path, data: DialogueSet, batch_size: int) -> EpochResult:
-    """Test scores of a saved model folder, loaded exactly as serving loads it (`load_for_inference`)."""
+    """Test scores of a saved-model folder, loaded exactly as serving loads it (`saved_model.load`)."""
     import torch
 
     from dialogsum.generate import summarize
-    from dialogsum.models import load_for_inference
+    from dialogsum.serving import saved_model
 
-    model, tokenizer, cfg = load_for_inference(model_dir)
+    model, tokenizer, cfg = saved_model.load(model_dir)
     predictions = summarize(model, tokenizer, cfg, data.dialogues, batch_size)
     del model
     if torch.cuda.is_available():
@@ -229,8 +231,9 @@ def run_training(
     from torch.utils.data import DataLoader
 
     from dialogsum.features import EpochSeededSampler, build_collator, tokenize_rows
-    from dialogsum.models import build_model, cache_dir, load_tokenizer, save_for_inference
+    from dialogsum.models import build_model, cache_dir, load_tokenizer
     from dialogsum.precision import resolve_precision
+    from dialogsum.serving import saved_model
 
     t = cfg.training
     stage = run_ctx.stage_of if run_ctx else (lambda _name: nullcontext())
@@ -253,6 +256,9 @@ def run_training(
         tokenizer = load_tokenizer(cfg, train_data.dialogues + train_data.summaries)
         built = build_model(cfg, tokenizer, policy)
         model = built.model
+    if track:  # weights and tokenizer from the hub: the commits they resolved to (a later load uses the same)
+        mlflow.set_tags({tag: commit for tag, commit in ((WEIGHTS_COMMIT_TAG, built.weights_commit),
+                                                         (TOKENIZER_COMMIT_TAG, built.tokenizer_commit)) if commit})  # fmt: skip
     if track and not resume:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         quantized = sum(1 for m in model.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt"))
@@ -335,7 +341,7 @@ def run_training(
                         state.best_predictions, state.best_rows = evaluation.predictions, evaluation.rows
                         if log_model:
                             with stage("checkpoint"):
-                                checkpoints.save_best(lambda folder: save_for_inference(built, cfg, folder, unwrapped))
+                                checkpoints.save_best(lambda folder: saved_model.write_trained(folder, built, cfg, unwrapped))
                 with stage("checkpoint"):
                     checkpoints.save_last(state)
                 if track:  # after the checkpoint: an epoch whose metrics are logged can always be resumed after
@@ -412,7 +418,7 @@ def _log_outcome(cfg: ModelConfig, roles: DataRoles, result: TrainResult, model_
         mlflow.log_artifact(str(_rouge_curve_png(result.history, Path(tmp) / "rouge_curve.png")))
     if model_dir is not None:
         n = min(2, len(roles.validation))
-        log_summarizer(model_dir, cfg.name, cfg.generation, roles.validation.dialogues[:n], best.predictions[:n])
+        log_summarizer(model_dir, cfg.name, cfg.generation, roles.validation.dialogues[:n])
 
 
 def roles_for(cfg: ModelConfig, train_path, validation_path, test_path) -> DataRoles:
@@ -488,8 +494,8 @@ def train_model(
 
 
 def resumed_config(run_id: str, model_name: str | None, overrides: dict[str, Any] | None) -> ModelConfig:
-    """The config the run was trained with. A model name or overrides given with --resume must not change it:
-    a difference in any key is refused, naming the keys."""
+    """The config the run was trained with, its `revision` pinned to the hub commit the run loaded. A model name or
+    overrides given with --resume must not change it: a difference in any key is refused, naming the keys."""
     import mlflow
     import yaml
 
@@ -507,7 +513,8 @@ def resumed_config(run_id: str, model_name: str | None, overrides: dict[str, Any
         details = "; ".join(f"{k}: {before.get(k)!r} → {after.get(k)!r}" for k in changed)
         raise ConfigError(f"--resume {run_id}: the config differs from the run's in {len(changed)} key(s): {details}. "
                           "A resumed run continues the same training; start a new run to change it")  # fmt: skip
-    return logged
+    commit = mlflow.get_run(run_id).data.tags.get(WEIGHTS_COMMIT_TAG, "")
+    return logged.model_copy(update={"revision": commit}) if commit else logged
 
 
 def check_same_rows(run, roles: DataRoles) -> None:
