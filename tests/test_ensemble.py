@@ -412,7 +412,7 @@ class TurnModel(mlflow.pyfunc.PythonModel):
         self.turn = turn
 
     def predict(self, context, model_input, params=None):  # noqa: ARG002
-        return [d.split("\n")[self.turn].split(": ", 1)[-1] for d in model_input["dialogue"]]
+        return [r["dialogue"].split("\n")[self.turn].split(": ", 1)[-1] for r in model_input]  # records, as dialogsum passes them
 
 
 def log_model_source(name: str, turn: int, table_rows: list[Dialogue]) -> str:

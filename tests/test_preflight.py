@@ -68,7 +68,11 @@ def test_weights_in_the_hugging_face_cache_pass_offline(offline: None) -> None:
     (repo / "snapshots" / commit).mkdir(parents=True)
     (repo / "snapshots" / commit / "config.json").write_text("{}")
     verdict = only_verdict("kobart")
-    assert verdict.ok and verdict.notes == ["weights: Hugging Face cache"]
+    assert verdict.ok and verdict.notes == [f"weights: Hugging Face cache (commit {commit})"]
+    pinned = run_preflight(["kobart"], overrides={"kobart": {"revision": commit}})[0]
+    assert pinned.ok and pinned.notes == [f"weights: Hugging Face cache (commit {commit}, pinned)"]
+    elsewhere = run_preflight(["kobart"], overrides={"kobart": {"revision": "1" * 40}})[0]
+    assert not elsewhere.ok and f"at revision {'1' * 40}" in elsewhere.reasons[0], "a pinned commit not in the cache is unreachable offline"
 
 
 def test_without_offline_flags_the_answer_is_still_quick(monkeypatch: pytest.MonkeyPatch) -> None:

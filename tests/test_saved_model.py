@@ -91,7 +91,8 @@ def hub(tmp_path_factory) -> dict:
     configs = root / "configs"
     shutil.copytree(configs_dir(), configs)
     (configs / "models" / f"{NAME}.yaml").write_text(MODEL_YAML, encoding="utf-8")
-    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # no other test's run or experiment
+    env = {**inherited, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "DIALOGSUM_CONFIGS": str(configs)}  # fmt: skip
     return {"cache": cache, "env": env}
 
