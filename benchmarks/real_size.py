@@ -40,15 +40,15 @@ ARCHITECTURES = {
                "decoder_attention_heads": 16, "encoder_ffn_dim": 3072, "decoder_ffn_dim": 3072, "d_model": 768,
                "max_position_embeddings": 1026, "vocab_size": 30000},
     "llama-3.2-korean-3b": {"model_type": "llama", "num_attention_heads": 24, "num_key_value_heads": 8, "head_dim": 128,
-                            "tie_word_embeddings": True, "max_position_embeddings": 4096},
+                            "max_position_embeddings": 4096},
     "qwen3-4b": {"model_type": "qwen3", "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
-                 "tie_word_embeddings": True, "max_position_embeddings": 4096},
+                 "max_position_embeddings": 4096},
     "solar-10.7b": {"model_type": "llama", "num_attention_heads": 32, "num_key_value_heads": 8,
-                    "tie_word_embeddings": False, "max_position_embeddings": 4096},
+                    "max_position_embeddings": 4096},
     "polyglot-ko-12.8b": {"model_type": "gpt_neox", "num_attention_heads": 40, "rotary_pct": 0.5,
-                          "tie_word_embeddings": False, "max_position_embeddings": 2048, "vocab_size": 30080},
+                          "max_position_embeddings": 2048, "vocab_size": 30080},
     "kullm-v2": {"model_type": "gpt_neox", "num_attention_heads": 40, "rotary_pct": 0.5,
-                 "tie_word_embeddings": False, "max_position_embeddings": 2048, "vocab_size": 30080},
+                 "max_position_embeddings": 2048, "vocab_size": 30080},
 }  # fmt: skip
 KOBART_LAYERS = (2, 4, 6)  # per stack
 LLM_LAYERS = (2, 4)
@@ -62,7 +62,7 @@ def architecture(name: str, layers: int | None, cfg) -> dict:
         if layers is not None:
             arch["encoder_layers"] = arch["decoder_layers"] = layers
         return arch
-    arch.update({"hidden_size": d.hidden_size, "intermediate_size": d.intermediate_size,
+    arch.update({"hidden_size": d.hidden_size, "intermediate_size": d.intermediate_size, "tie_word_embeddings": d.tied_embeddings,
                  "num_hidden_layers": layers or d.num_layers, "vocab_size": arch.get("vocab_size", d.vocab_size)})  # fmt: skip
     return arch
 

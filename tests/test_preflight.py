@@ -127,7 +127,7 @@ def test_memory_estimate_over_available_memory_is_blocked(offline: None) -> None
 
 def test_qlora_memory_estimate_is_far_below_full_precision(offline: None) -> None:
     qlora = only_verdict("solar-10.7b", device=BF16_GPU)
-    assert qlora.precision == "cuda:bfloat16" and 4 < qlora.estimate_gib < 16
+    assert qlora.precision == "cuda:bfloat16" and 6 < qlora.estimate_gib < 20
     full = only_verdict("solar-10.7b", device=BF16_GPU, quantization="none")
     assert full.estimate_gib > qlora.estimate_gib + 10
 

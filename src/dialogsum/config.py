@@ -45,6 +45,7 @@ class Dimensions(StrictModel):
     num_layers: int
     intermediate_size: int
     vocab_size: int
+    tied_embeddings: bool = Field(True, description="the output layer shares the input embedding (false: SOLAR, Polyglot-Ko, KULLM)")
 
 
 class LoraSettings(StrictModel):
