@@ -13,12 +13,15 @@ lengths. Each measurement runs in a fresh process:
   for that same batch.
 - `--device cuda` (when a GPU is lent): every model at real size and at the config's batch size, QLoRA nf4 for
   SOLAR-10.7B and the two 12.8B models and bf16 LoRA for the 3-4B ones; peak is `torch.cuda.max_memory_allocated`
-  during the step plus the weights, and tokens/s is reported.
+  during the step plus the weights, and tokens/s is reported. Then one KoBART epoch of 12,457 rows (the
+  competition's train size; the labelled rows replicated) is timed and 10 epochs projected (goal: under 3 minutes
+  on an H200).
 
 The target is every estimate within -10% / +25% of the measured peak.
 
     python benchmarks/real_size.py                     # CPU table (about 15-25 minutes on 2 cores)
-    python benchmarks/real_size.py --device cuda       # GPU table
+    python benchmarks/real_size.py --device cuda       # GPU table and the timed KoBART epoch
+    python benchmarks/real_size.py --epoch-only --epoch-rows 64    # the epoch timing alone (a CPU smoke run)
 """
 
 from __future__ import annotations
@@ -200,6 +203,46 @@ def cpu_table(args) -> None:
         print(f"{name:22s} {form:12s} {batch:5d} {measured_bytes / GIB:8.2f} GiB {est / GIB:8.2f} GiB  {verdict(est, measured_bytes)}  [{how}]")
 
 
+def kobart_epoch(rows: int, device: str, data: Path | None) -> dict:
+    """One epoch of real-size KoBART over `rows` training rows (the labelled rows replicated: the competition's
+    train set has 12,457), at the config's batch size and lengths, through dialogsum's tokenizer, length-grouped
+    sampler, collator and the precision policy's autocast, with AdamW; seconds, and 10 epochs projected."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from dialogsum.config import load_model_config
+    from dialogsum.data import read_dialogues, sample_data_path
+    from dialogsum.features import EpochSeededSampler, build_collator, tokenize_rows
+    from dialogsum.models import build_model, load_tokenizer
+    from dialogsum.precision import detect_device, resolve_precision
+
+    labelled = read_dialogues(data or sample_data_path("train"))
+    repeat = -(-rows // len(labelled))
+    dialogues, summaries = (labelled.dialogues * repeat)[:rows], (labelled.summaries * repeat)[:rows]
+    cfg = measured_config("kobart", None, load_model_config("kobart").training.batch_size)
+    tokenizer = load_tokenizer(cfg, sample_texts())
+    policy = resolve_precision(cfg.precision if device == "cuda" else "fp32", detect_device())
+    model = build_model(cfg, tokenizer, policy).model.to(device)
+    encoded = tokenize_rows(cfg, tokenizer, dialogues, summaries)
+    t = cfg.training
+    sampler = EpochSeededSampler([len(ids) for ids in encoded["input_ids"]], t.batch_size, t.seed, True)
+    loader = DataLoader(encoded, batch_size=t.batch_size, sampler=sampler, collate_fn=build_collator(cfg, tokenizer), num_workers=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate)
+    model.train()
+    start = time.perf_counter()
+    for batch in loader:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with torch.autocast(device_type=device, dtype=policy.torch_dtype(), enabled=policy.mixed_precision != "no"):
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {"rows": rows, "epoch_s": seconds, "ten_epochs_min": 10 * seconds / 60, "rows_per_s": rows / seconds}
+
+
 def cuda_table(args) -> None:
     from dialogsum.config import load_model_config
 
@@ -214,6 +257,9 @@ def cuda_table(args) -> None:
         est = estimate(name, cfg.training.batch_size, "cuda")
         print(f"{name:22s} {cfg.training.batch_size:5d} {m['peak_bytes'] / GIB:8.2f} GiB {est / GIB:8.2f} GiB  "
               f"{verdict(est, m['peak_bytes'])}  {m['tokens_per_s']:.0f}", flush=True)
+    epoch = kobart_epoch(args.epoch_rows, "cuda", args.data)
+    print(f"\nKoBART real size, one epoch of {epoch['rows']} rows: {epoch['epoch_s']:.1f} s ({epoch['rows_per_s']:.0f} rows/s); "
+          f"10 epochs projected {epoch['ten_epochs_min']:.1f} min (goal < 3 min on an H200)")
 
 
 def sample_texts() -> list[str]:
@@ -228,6 +274,9 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--models", nargs="+", default=["llama-3.2-korean-3b", "qwen3-4b", "solar-10.7b", "polyglot-ko-12.8b"])
     parser.add_argument("--llm-batch-size", type=int, default=1)
+    parser.add_argument("--epoch-rows", type=int, default=12457, help="rows of the timed KoBART epoch (--device cuda, or --epoch-only)")
+    parser.add_argument("--data", type=Path, help="labelled CSV replicated for the KoBART epoch (default: the bundled sample)")
+    parser.add_argument("--epoch-only", action="store_true", help="only time the KoBART epoch, on --device")
     parser.add_argument("--prepare", nargs=4, metavar=("MODEL", "LAYERS", "BATCH", "DEVICE"), help=argparse.SUPPRESS)
     parser.add_argument("--measure", nargs=4, metavar=("MODEL", "LAYERS", "BATCH", "DEVICE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -242,6 +291,9 @@ def main() -> None:
         print(json.dumps(measure(name, int(layers) or None, int(batch), device, sample_texts())))
         return
     os.environ.setdefault("DIALOGSUM_CACHE_DIR", tempfile.mkdtemp(prefix="dialogsum-real-size-"))
+    if args.epoch_only:
+        print(json.dumps(kobart_epoch(args.epoch_rows, args.device, args.data)))
+        return
     (cuda_table if args.device == "cuda" else cpu_table)(args)
 
 
