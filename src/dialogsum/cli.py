@@ -372,6 +372,44 @@ def predict(
 
 
 @app.command()
+def tune(
+    model: Annotated[str, typer.Option(help="Model name or alias (see `dialogsum models`)")],
+    space: Annotated[str, typer.Option(help="Search space: a YAML path or a name in configs/search/ (e.g. kobart-tiny)")],
+    trials: Annotated[int, typer.Option(help="Finished trials (complete or pruned) the study should hold, over all workers")] = 20,
+    study: Annotated[str, typer.Option(help="Study name: the same name continues it, or joins it from another worker")] = "",
+    storage: Annotated[str, typer.Option(help="Optuna storage: an RDB URL (postgresql://… for several machines) or journal:PATH "
+                                              "(default with --study: dialogsum-studies/<study>.journal; without: in memory)")] = "",  # fmt: skip
+    sampler: Annotated[str, typer.Option(help="tpe or random")] = "tpe",
+    pruner: Annotated[str, typer.Option(help="median, hyperband or none")] = "median",
+    metric: Annotated[str, typer.Option(help="Validation metric each epoch reports (val_final maximised; a *loss* minimised)")] = "val_final",
+    seed: Annotated[Optional[int], typer.Option(help="Sampler seed")] = None,
+    train_data: Annotated[Optional[Path], typer.Option(help="Labelled training CSV (default: bundled sample)")] = None,
+    validation_data: Annotated[Optional[Path], typer.Option(help="Labelled CSV the trials are scored on (default: held out of the training rows)")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Config override every trial gets, key=value (repeatable)")] = None,
+) -> None:
+    """An Optuna study: one parent run, one child training run per trial, pruned per epoch on validation."""
+    import mlflow
+
+    from dialogsum.config import ConfigError, parse_set_options
+    from dialogsum.sweeps.tune import TuneError, TuneSettings, run_study
+    from dialogsum.tracking import TrackingError, ui_hint
+
+    try:
+        settings = TuneSettings(model=model, space=space, trials=trials, study=study or None, storage=storage or None, sampler=sampler,
+                                pruner=pruner, metric=metric, seed=seed, train_path=str(train_data) if train_data else None,
+                                validation_path=str(validation_data) if validation_data else None,
+                                overrides=parse_set_options(set_ or []))  # fmt: skip
+        parent = run_study(settings)
+    except (ConfigError, TuneError, TrackingError) as e:
+        _fail(e)
+    metrics = mlflow.get_run(parent).data.metrics
+    counts = ", ".join(f"{int(metrics.get(f'trials_{k}', 0))} {k}" for k in ("complete", "pruned", "failed"))
+    best = metrics.get(f"best_{metric}")
+    _say(f"study: {counts}" + (f"; best {metric} {best:.2f} (trial {int(metrics['best_trial'])})" if best is not None else "")
+         + f"\nrun {parent}\nopen: {ui_hint(parent)}")
+
+
+@app.command()
 def export(
     out: Annotated[Path, typer.Option(help="Folder to write the saved model to (must not exist yet)")],
     model_uri: Annotated[str, typer.Option(help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/MODEL_NAME")] = (

@@ -53,7 +53,16 @@ INHERITED_TAGS = ("mlflow.user", "mlflow.source.type", "mlflow.source.git.commit
 SERVER_PROBE_TIMEOUT_S = (3, 5)  # (connect, read) seconds
 CLOSE_BUDGET_ENV = "DIALOGSUM_CLOSE_BUDGET_S"
 DEFAULT_CLOSE_BUDGET_S = 120.0  # how long a finishing run waits for an unreachable store to come back
-MLFLOW_STATUS = {"succeeded": "FINISHED", "skipped": "FINISHED", "killed": "KILLED", "failed": "FAILED"}
+MLFLOW_STATUS = {"succeeded": "FINISHED", "skipped": "FINISHED", "killed": "KILLED", "failed": "FAILED", "pruned": "KILLED"}
+PRUNED_AT_TAG = "dialogsum.pruned_at_epoch"
+
+
+class RunPruned(Exception):
+    """A sweep's pruner stopped this training after `epoch`: the run ends KILLED with `dialogsum.status=pruned`."""
+
+    def __init__(self, epoch: int):
+        super().__init__(f"pruned after epoch {epoch}")
+        self.epoch = epoch
 
 
 class TrackingError(RuntimeError):
@@ -106,6 +115,15 @@ def configure_tracking(experiment: str | None = None) -> str:
                 raise TrackingError(f"MLflow tracking server {uri} refused the credentials: {e}") from e
             raise
     return uri
+
+
+def active_experiment_id() -> str:
+    """The experiment `configure_tracking` made active (or the one `mlflow run` named)."""
+    import mlflow
+
+    if os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return os.environ["MLFLOW_EXPERIMENT_ID"]
+    return mlflow.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT).experiment_id
 
 
 def _tag_experiment_kind(experiment_id: str) -> None:
@@ -192,7 +210,8 @@ def tracked_run(
 ) -> Iterator[RunContext]:
     """Start (or resume, with `run_id` or $MLFLOW_RUN_ID) a run and guarantee a final status.
 
-    Succeeded → FINISHED; exception → FAILED with error artifacts; Ctrl-C/SIGTERM → KILLED. `system_metrics` turns
+    Succeeded → FINISHED; exception → FAILED with error artifacts; Ctrl-C/SIGTERM → KILLED; `RunPruned` → KILLED
+    with `dialogsum.status=pruned`. `system_metrics` turns
     on MLflow's system metrics (CPU, memory, disk, network, and GPU when present) unless $DIALOGSUM_SYSTEM_METRICS
     is false (`dialogsum --no-system-metrics ...`).
     """
@@ -221,6 +240,10 @@ def tracked_run(
         yield ctx
     except (KeyboardInterrupt, Terminated) as e:
         _close(ctx, "killed", e)
+        raise
+    except RunPruned as e:
+        mlflow.set_tag(PRUNED_AT_TAG, str(e.epoch))
+        _close(ctx, "pruned")
         raise
     except BaseException as e:
         _close(ctx, "failed", e)

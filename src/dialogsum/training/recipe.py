@@ -21,7 +21,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from dialogsum.config import ConfigError, ModelConfig, flatten, load_model_config, model_registry, with_overrides
 from dialogsum.data import DataRoles, DialogueSet, dataset_rows_digest, load_data_roles
@@ -219,10 +219,13 @@ def run_training(
     log_model: bool = True,
     run_id: str | None = None,
     resume: bool = False,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """Train on `roles.train`, choose the epoch on `roles.validation`, report on `roles.test` (when given and a
     model is kept). With `track`, metrics and artifacts go to the active MLflow run. Checkpoints live under
-    `checkpoint_root(run_id)`; with `resume`, training continues from the last one there."""
+    `checkpoint_root(run_id)`; with `resume`, training continues from the last one there. `on_epoch(epoch,
+    metrics)` is called on the main process after each epoch's metrics are logged (a sweep's pruner raises
+    `RunPruned` from it)."""
     import mlflow
     import torch
     from accelerate import Accelerator
@@ -349,6 +352,8 @@ def run_training(
                         operations.wait()
                     pending.clear()
                     mlflow.log_metrics(evaluation.metrics, step=epoch)
+                if on_epoch is not None and accelerator.is_main_process:
+                    on_epoch(epoch, evaluation.metrics)
             accelerator.wait_for_everyone()
 
         if accelerator.is_main_process and log_model and result.best is not None:
@@ -437,9 +442,12 @@ def train_model(
     parent_run_id: str | None = None,
     run_name: str | None = None,
     resume_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> str | None:
     """Resolve the config, open the run (or join the one `mlflow run` created, or reopen `resume_run_id`), train;
-    returns the run id. Non-main processes of a distributed launch train without tracking and return None."""
+    returns the run id. Non-main processes of a distributed launch train without tracking and return None. `tags`
+    are added to the run's; `on_epoch` goes to `run_training`."""
     import mlflow
     import torch
     from accelerate import PartialState
@@ -467,7 +475,7 @@ def train_model(
     else:
         raise ConfigError("give --model NAME, or --resume RUN_ID to continue a run")
     device = detect_device()
-    tags = {MODEL_TAG: cfg.name, "dialogsum.family": cfg.family, "dialogsum.task": cfg.task, "dialogsum.device": device.name}
+    tags = {MODEL_TAG: cfg.name, "dialogsum.family": cfg.family, "dialogsum.task": cfg.task, "dialogsum.device": device.name, **(tags or {})}
     with tracked_run(run_name=run_name or cfg.name, kind="train", tags=tags, parent_run_id=parent_run_id,
                      run_id=resume_run_id, system_metrics=True) as run:  # fmt: skip
         if resume_run_id:
@@ -488,7 +496,7 @@ def train_model(
                 _log_datasets(roles)
         if launch.num_processes > 1:
             broadcast_object_list([cfg.model_dump(), run.run_id])
-        result = run_training(cfg, roles, run_ctx=run, run_id=run.run_id, resume=bool(resume_run_id))
+        result = run_training(cfg, roles, run_ctx=run, run_id=run.run_id, resume=bool(resume_run_id), on_epoch=on_epoch)
         _print_summary(cfg, result, ui_hint(run.run_id))
         return run.run_id
 

@@ -1,0 +1,2 @@
+"""Sweeps: Optuna hyperparameter studies (`tune`) and K-fold cross-validation (`kfold`), each a parent run whose
+children are ordinary training runs."""

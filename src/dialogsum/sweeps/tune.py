@@ -1,0 +1,295 @@
+"""`dialogsum tune`: an Optuna study over a search space, as one MLflow parent run (`dialogsum.kind=tune`) whose
+children are the trials: ordinary training runs (`dialogsum.kind=train`) tagged `dialogsum.study` and
+`dialogsum.trial`, so the registry, ensembles and reports treat them like any other training.
+
+Each trial reports its validation score after every epoch and the pruner decides: a pruned trial ends KILLED with
+`dialogsum.status=pruned` and the epoch it stopped after; a trial that raises ends FAILED with its error
+artifacts and is FAIL in Optuna, never "pruned". The nested runs are written here (optuna-integration's
+MLflowCallback is deprecated and logs no intermediate values).
+
+Storage: in memory for one process without `--study`; a journal file (`dialogsum-studies/<study>.journal`) when
+a study is named, so the same `--study` continues it and several processes on one host share it; an RDB URL
+(PostgreSQL across machines) for any number of workers. With an RDB, workers send heartbeats: the trial of a
+worker that died is marked FAIL by the next worker to ask for a trial, its child run is closed FAILED
+(`WorkerLost`), and the trial is retried once with its parameters. `--trials` is a cap over all workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dialogsum.config import load_model_config
+from dialogsum.sweeps.space import SearchSpace, load_space
+
+STUDY_TAG = "dialogsum.study"
+TRIAL_TAG = "dialogsum.trial"
+PARENT_ATTR = "mlflow_parent_run_id"
+RUN_ATTR = "mlflow_run_id"
+OVER_CAP_ATTR = "over_cap"
+HEARTBEAT_S = int(os.environ.get("DIALOGSUM_TUNE_HEARTBEAT_S", "5"))  # RDB workers' heartbeat, and how long a silent
+GRACE_S = int(os.environ.get("DIALOGSUM_TUNE_GRACE_S", "20"))  # worker is waited for before its trial is failed
+STUDIES_DIR = Path("dialogsum-studies")
+BEST_OVERRIDES_ARTIFACT = "best_overrides.yaml"
+BEST_SET_LINE_ARTIFACT = "best_set_line.txt"
+TRIALS_TABLE = "trials.json"
+HISTORY_PLOT = "plots/optimization_history.png"
+IMPORTANCE_PLOT = "plots/param_importances.png"
+
+
+class TuneError(ValueError):
+    """A study that cannot start: a bad storage, sampler or pruner, or a space that does not fit the model."""
+
+
+@dataclass
+class TuneSettings:
+    model: str
+    space: str
+    trials: int
+    study: str | None = None
+    storage: str | None = None
+    sampler: str = "tpe"
+    pruner: str = "median"
+    metric: str = "val_final"
+    seed: int | None = None
+    train_path: str | None = None
+    validation_path: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def direction(self) -> str:
+        return "minimize" if "loss" in self.metric else "maximize"
+
+
+def storage_for(settings: TuneSettings, study_name: str):
+    """The Optuna storage the settings name (see the module docstring); None is in-memory."""
+    import optuna
+    from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
+    from optuna.storages.journal import JournalFileBackend
+
+    url = settings.storage
+    if url is None and settings.study is None:
+        return None
+    if url is None or url.startswith("journal:") or url.endswith((".journal", ".log")):
+        path = Path(url.removeprefix("journal:")) if url else STUDIES_DIR / f"{study_name}.journal"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    if "://" not in url:
+        raise TuneError(f"--storage '{url}': give an RDB URL (postgresql://…, sqlite:///…) or journal:PATH")
+    retry = RetryFailedTrialCallback(max_retry=1)
+
+    def worker_lost(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        close_lost_trial_run(study.study_name, trial.number)
+        retry(study, trial)
+
+    try:
+        return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, failed_trial_callback=worker_lost)
+    except Exception as e:
+        raise TuneError(f"--storage {url}: cannot open the study database ({type(e).__name__}: {e})") from e
+
+
+def trial_runs(study_name: str, number: int) -> list:
+    """The child runs of trial `number` of the study (found by tags: a worker may die before it records the id)."""
+    import mlflow
+
+    query = f"tags.`{STUDY_TAG}` = '{study_name}' and tags.`{TRIAL_TAG}` = '{number}'"
+    return mlflow.search_runs(search_all_experiments=True, filter_string=query, output_format="list")
+
+
+def close_lost_trial_run(study_name: str, number: int) -> None:
+    """The child run of a trial whose worker died (no heartbeat): closed FAILED with `error.type=WorkerLost`."""
+    import mlflow
+
+    from dialogsum.tracking import STATUS_TAG
+
+    client = mlflow.MlflowClient()
+    message = f"the worker running trial {number} stopped sending heartbeats (killed or lost); the trial is retried once"
+    for run in trial_runs(study_name, number):
+        if run.info.status != "RUNNING":
+            continue
+        for key, value in {STATUS_TAG: "failed", "error.type": "WorkerLost", "error.stage": "train", "error.message": message}.items():
+            client.set_tag(run.info.run_id, key, value)
+        client.set_terminated(run.info.run_id, "FAILED")
+
+
+def sampler_for(name: str, seed: int | None):
+    import optuna
+
+    samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed), "random": lambda: optuna.samplers.RandomSampler(seed=seed)}
+    if name not in samplers:
+        raise TuneError(f"--sampler {name}: choose {' or '.join(samplers)}")
+    return samplers[name]()
+
+
+def pruner_for(name: str):
+    import optuna
+
+    pruners = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
+               "hyperband": lambda: optuna.pruners.HyperbandPruner(), "none": lambda: optuna.pruners.NopPruner()}  # fmt: skip
+    if name not in pruners:
+        raise TuneError(f"--pruner {name}: choose {', '.join(pruners)}")
+    return pruners[name]()
+
+
+def study_parent(study, storage, settings: TuneSettings) -> str:
+    """The study's MLflow parent run: created by the first worker, found by the others through the study's user
+    attributes (two workers racing both create one; the one stored last wins and the other is deleted)."""
+    import mlflow
+    import optuna
+
+    from dialogsum.tracking import KIND_TAG, MODEL_TAG, STATUS_TAG, active_experiment_id, source_git_tags
+
+    existing = study.user_attrs.get(PARENT_ATTR)
+    if existing:
+        return existing
+    client = mlflow.MlflowClient()
+    tags = {**source_git_tags(), KIND_TAG: "tune", STUDY_TAG: study.study_name, MODEL_TAG: settings.model, STATUS_TAG: "running"}
+    run = client.create_run(active_experiment_id(), run_name=f"tune-{study.study_name}", tags=tags)
+    client.log_param(run.info.run_id, "study.space", settings.space)
+    study.set_user_attr(PARENT_ATTR, run.info.run_id)
+    time.sleep(0.5)  # let a racing worker's write land before reading back who won
+    reloaded = optuna.load_study(study_name=study.study_name, storage=storage) if storage is not None else study
+    winner = reloaded.user_attrs[PARENT_ATTR]
+    if winner != run.info.run_id:
+        client.delete_run(run.info.run_id)
+    return winner
+
+
+def _trial_value(run_id: str, metric: str) -> float:
+    import mlflow
+
+    value = mlflow.get_run(run_id).data.metrics.get(f"best_{metric}")
+    if value is None:
+        raise RuntimeError(f"trial run {run_id} logged no best_{metric}")
+    return value
+
+
+def make_objective(settings: TuneSettings, space: SearchSpace, parent_run_id: str):
+    import mlflow
+    import optuna
+
+    from dialogsum.tracking import RunPruned
+    from dialogsum.training.recipe import train_model
+
+    def objective(trial: optuna.Trial) -> float:
+        live = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+                                                               optuna.trial.TrialState.RUNNING))  # fmt: skip
+        if len([t for t in live if not t.user_attrs.get(OVER_CAP_ATTR)]) > settings.trials:  # another worker took the last one
+            trial.set_user_attr(OVER_CAP_ATTR, True)
+            trial.study.stop()
+            raise optuna.TrialPruned("over the study's trial cap")
+
+        def report(epoch: int, metrics: dict[str, float]) -> None:
+            if epoch == 1:
+                trial.set_user_attr(RUN_ATTR, mlflow.active_run().info.run_id)
+            trial.report(metrics[settings.metric], epoch)
+            if trial.should_prune():
+                raise RunPruned(epoch)
+
+        overrides = {**settings.overrides, **space.suggest(trial)}
+        try:
+            run_id = train_model(settings.model, train_path=settings.train_path, validation_path=settings.validation_path,
+                                 overrides=overrides, parent_run_id=parent_run_id, run_name=f"{settings.model}-trial-{trial.number}",
+                                 tags={STUDY_TAG: trial.study.study_name, TRIAL_TAG: str(trial.number)}, on_epoch=report)  # fmt: skip
+        except RunPruned as e:
+            raise optuna.TrialPruned(str(e)) from e
+        trial.set_user_attr(RUN_ATTR, run_id)
+        return _trial_value(run_id, settings.metric)
+
+    return objective
+
+
+def run_study(settings: TuneSettings) -> str:
+    """Run (or join, or continue) the study; returns the parent run id. This worker works inside the parent run
+    (RUNNING while it works, then FINISHED, or FAILED/KILLED with the reason) and stops when the study holds
+    `settings.trials` finished trials (complete or pruned)."""
+    import optuna
+
+    from dialogsum.tracking import configure_tracking, tracked_run
+
+    cfg = load_model_config(settings.model, settings.overrides or None)
+    space = load_space(settings.space, cfg)
+    if space.generation_only:
+        raise TuneError(f"{settings.space}: every key is a generation setting; searching them needs a trained model, "
+                        "and this study trains one per trial: add a training key")  # fmt: skip
+    configure_tracking()
+    name = settings.study or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = storage_for(settings, name)
+    study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction=settings.direction,
+                                sampler=sampler_for(settings.sampler, settings.seed), pruner=pruner_for(settings.pruner))  # fmt: skip
+    parent = study_parent(study, storage, settings)
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    with tracked_run(kind="tune", run_id=parent):
+        objective = make_objective(settings, space, parent)
+        while True:  # failed trials do not count: run until the cap of finished ones, or as many failures
+            trials = counted_trials(study)
+            remaining = settings.trials - sum(t.state in done for t in trials)
+            if remaining <= 0 or sum(t.state == optuna.trial.TrialState.FAIL for t in trials) >= settings.trials:
+                break
+            study.optimize(objective, n_trials=remaining, catch=(Exception,), gc_after_trial=True,
+                           callbacks=[optuna.study.MaxTrialsCallback(settings.trials, states=done)])  # fmt: skip
+        log_study_summary(study, settings)
+    return parent
+
+
+def counted_trials(study) -> list:
+    """The study's trials without the ones a worker started over the cap (they never trained)."""
+    return [t for t in study.get_trials() if not t.user_attrs.get(OVER_CAP_ATTR)]
+
+
+def log_study_summary(study, settings: TuneSettings) -> None:
+    """On the parent run: the trials table, the counts, the best trial's overrides (`best_overrides.yaml` and a
+    ready `--set` line), and Optuna's optimization-history and parameter-importance plots."""
+    import mlflow
+    import optuna
+    import pandas as pd
+    import yaml
+
+    from dialogsum.tracking import STATUS_TAG
+
+    trials = counted_trials(study)
+    state = optuna.trial.TrialState
+    rows = [{"trial": t.number, "state": t.state.name, settings.metric: t.value, "run_id": t.user_attrs.get(RUN_ATTR, ""),
+             "last_epoch": max(t.intermediate_values, default=None), **t.params} for t in trials]  # fmt: skip
+    mlflow.log_table(pd.DataFrame(rows), artifact_file=TRIALS_TABLE)
+    counts = {name: sum(t.state == s for t in trials) for name, s in (("complete", state.COMPLETE), ("pruned", state.PRUNED), ("failed", state.FAIL))}
+    mlflow.log_metrics({f"trials_{k}": v for k, v in counts.items()})
+    complete = [t for t in trials if t.state == state.COMPLETE]
+    mlflow.set_tag(STATUS_TAG, "succeeded" if complete else "failed")
+    if not complete:
+        return
+    best = max(complete, key=lambda t: t.value if settings.direction == "maximize" else -t.value)
+    mlflow.log_metrics({f"best_{settings.metric}": best.value, "best_trial": best.number})
+    mlflow.set_tags({"dialogsum.best_trial_run": best.user_attrs.get(RUN_ATTR, "")})
+    space_fixed = {**settings.overrides}
+    overrides = {**space_fixed, **best.params}
+    mlflow.log_text(yaml.safe_dump(overrides, allow_unicode=True, sort_keys=True), BEST_OVERRIDES_ARTIFACT)
+    mlflow.log_text(" ".join(f"--set {k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in sorted(overrides.items())),
+                    BEST_SET_LINE_ARTIFACT)  # fmt: skip
+    _log_plots(study)
+
+
+def _log_plots(study) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+    from optuna.visualization import matplotlib as optuna_plots
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for artifact, draw in ((HISTORY_PLOT, optuna_plots.plot_optimization_history), (IMPORTANCE_PLOT, optuna_plots.plot_param_importances)):
+            try:
+                axes = draw(study)
+            except (ValueError, RuntimeError):  # importances need two complete trials with varied parameters
+                continue
+            path = Path(tmp) / Path(artifact).name
+            axes.figure.savefig(path, dpi=110, bbox_inches="tight")
+            plt.close(axes.figure)
+            mlflow.log_artifact(str(path), str(Path(artifact).parent))

@@ -1,0 +1,179 @@
+"""`dialogsum tune`: Optuna studies of kobart-tiny (real training steps on the bundled sample) as an MLflow parent
+with one child training run per trial; pruning per epoch, failures that stay failures, resume by study name, and
+workers sharing one study through PostgreSQL, one of them killed with `kill -9`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+from tracking_server import ensure_postgres, fresh_database
+
+import dialogsum.training.recipe
+from dialogsum.config import ConfigError, load_model_config
+from dialogsum.sweeps.space import load_space
+from dialogsum.sweeps.tune import (
+    BEST_OVERRIDES_ARTIFACT,
+    BEST_SET_LINE_ARTIFACT,
+    HISTORY_PLOT,
+    STUDY_TAG,
+    TRIAL_TAG,
+    TRIALS_TABLE,
+    TuneSettings,
+    run_study,
+    trial_runs,
+)
+from dialogsum.tracking import KIND_TAG, PRUNED_AT_TAG, STATUS_TAG
+
+# Trials are short: 24 training rows, 8 validation rows, 3 epochs, 4 new tokens. At this size every summary scores
+# ROUGE 0, so the studies optimise (and prune on) the validation loss, which the learning rate moves a lot.
+SPACE = """\
+model: kobart-tiny
+fixed: {training.max_train_samples: 24, training.max_validation_samples: 8, training.max_test_samples: 2, training.epochs: 3,
+        generation.max_new_tokens: 4, generation.num_beams: 1, checkpoint.keep: none}
+params:
+  training.learning_rate: {type: float, low: 1.0e-5, high: 3.0e-2, log: true}
+  training.warmup_steps: {type: int, low: 0, high: 4}
+"""
+STATES = {"COMPLETE": ("FINISHED", "succeeded"), "PRUNED": ("KILLED", "pruned"), "FAIL": ("FAILED", "failed")}
+
+
+@pytest.fixture(scope="module")
+def space_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("space") / "tiny.yaml"
+    path.write_text(SPACE, encoding="utf-8")
+    return path
+
+
+def _children(parent: str) -> list:
+    return mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.mlflow.parentRunId = '{parent}'", output_format="list")
+
+
+def _study(name: str, storage) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def test_a_pruned_study_records_every_trial_as_a_child_whose_status_matches_optuna(space_file, module_store, monkeypatch):
+    real_run_training = dialogsum.training.recipe.run_training
+    calls = []
+
+    def fails_on_the_third(*args, **kwargs):  # a training that raises, standing in for any real failure
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected failure in trial 2")
+        return real_run_training(*args, **kwargs)
+
+    monkeypatch.setattr(dialogsum.training.recipe, "run_training", fails_on_the_third)
+    journal = module_store / "study.journal"
+    settings = TuneSettings(model="kobart-tiny", space=str(space_file), trials=6, study="pruning", storage=f"journal:{journal}",
+                            pruner="median", sampler="random", seed=3, metric="val_loss")  # fmt: skip
+    parent = run_study(settings)
+
+    run = mlflow.get_run(parent)
+    assert run.info.status == "FINISHED" and run.data.tags[KIND_TAG] == "tune" and run.data.tags[STUDY_TAG] == "pruning"
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = _study("pruning", JournalStorage(JournalFileBackend(str(journal))))
+    trials = {t.number: t for t in study.get_trials()}
+    children = {int(c.data.tags[TRIAL_TAG]): c for c in _children(parent)}
+    assert set(children) == set(trials), "one child run per trial"
+    for number, trial in trials.items():
+        child = children[number]
+        status, tag = STATES[trial.state.name]
+        assert child.info.status == status and child.data.tags[STATUS_TAG] == tag, (number, trial.state, child.info.status)
+        assert child.data.tags[KIND_TAG] == "train" and child.data.tags[STUDY_TAG] == "pruning"
+        if trial.state.name == "PRUNED":
+            assert child.data.tags[PRUNED_AT_TAG] == str(max(trial.intermediate_values))
+        if trial.state.name == "FAIL":
+            assert child.data.tags["error.type"] == "RuntimeError", "a failure is never reported as pruned"
+    pruned = [t for t in trials.values() if t.state.name == "PRUNED"]
+    assert pruned, {n: t.state.name for n, t in trials.items()}
+    assert [t.state.name for t in trials.values()].count("FAIL") == 1
+    assert len([t for t in trials.values() if t.state.name in ("COMPLETE", "PRUNED")]) == 6
+
+    metrics = run.data.metrics
+    assert metrics["trials_pruned"] == len(pruned) and metrics["trials_failed"] == 1
+    best = study.best_trial
+    assert metrics["best_val_loss"] == pytest.approx(best.value) and metrics["best_trial"] == best.number
+    overrides = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{parent}/{BEST_OVERRIDES_ARTIFACT}"))
+    assert overrides == best.params
+    assert "--set training.learning_rate=" in mlflow.artifacts.load_text(f"runs:/{parent}/{BEST_SET_LINE_ARTIFACT}")
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent, "plots")}
+    assert HISTORY_PLOT in artifacts
+    table = mlflow.load_table(TRIALS_TABLE, run_ids=[parent])
+    assert sorted(table["trial"]) == sorted(trials)
+
+    monkeypatch.setattr(dialogsum.training.recipe, "run_training", real_run_training)
+    again = run_study(TuneSettings(**{**settings.__dict__, "trials": 7}))
+    assert again == parent, "the same --study continues the study under its parent"
+    assert len([c for c in _children(parent) if c.data.tags[STATUS_TAG] in ("succeeded", "pruned")]) == 7
+
+
+def test_a_space_key_that_the_model_does_not_have_is_refused_naming_file_and_key(tmp_path):
+    cfg = load_model_config("kobart-tiny")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("params:\n  training.learning_rate: {type: float, low: 1.0e-4, high: 1.0e-3, lgo: true}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*key 'params\.training\.learning_rate\.lgo': unknown key"):
+        load_space(bad, cfg)
+    bad.write_text("params:\n  lora.r: {type: categorical, choices: [8, 16]}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: key 'params\.lora\.r' = 8"):
+        load_space(bad, cfg)
+    for shipped in ("kobart", "kobart-tiny", "qwen3-4b"):
+        assert load_space(shipped, load_model_config(shipped)).params
+
+
+def _worker(space_file: Path, storage: str, trials: int, cwd: Path, env: dict) -> subprocess.Popen:
+    command = [sys.executable, "-m", "dialogsum", "tune", "--model", "kobart-tiny", "--space", str(space_file), "--trials", str(trials),
+               "--study", "shared", "--storage", storage, "--pruner", "none", "--sampler", "random", "--metric", "val_loss"]  # fmt: skip
+    return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+@pytest.fixture
+def worker_env(module_store) -> dict:
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"],
+            "OMP_NUM_THREADS": "1", "DIALOGSUM_TUNE_HEARTBEAT_S": "1", "DIALOGSUM_TUNE_GRACE_S": "4"}  # fmt: skip
+
+
+def test_two_workers_share_one_postgresql_study_and_a_killed_workers_trial_is_failed_and_retried(space_file, module_store, worker_env):
+    ensure_postgres()
+    with fresh_database("optuna") as storage:
+        first = _worker(space_file, storage, 4, module_store, worker_env)
+        second = _worker(space_file, storage, 4, module_store, worker_env)
+        outputs = [p.communicate(timeout=600)[0] for p in (first, second)]
+        assert first.returncode == 0 and second.returncode == 0, outputs
+        parents = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                     filter_string=f"tags.`{STUDY_TAG}` = 'shared' and tags.`{KIND_TAG}` = 'tune'")  # fmt: skip
+        assert len(parents) == 1, "the workers found one parent"
+        study = _study("shared", storage)
+        finished = [t for t in study.get_trials() if t.state.name == "COMPLETE"]
+        assert len(finished) == 4, "the cap holds over both workers"
+        children = _children(parents[0].info.run_id)
+        assert sorted(int(c.data.tags[TRIAL_TAG]) for c in children) == sorted(t.number for t in finished)
+
+        # A worker killed in the middle of a trial: its trial FAIL (no heartbeat), its run FAILED (WorkerLost), retried.
+        victim = _worker(space_file, storage, 6, module_store, worker_env)
+        deadline, running = time.monotonic() + 240, []
+        while time.monotonic() < deadline and not running:  # a trial of the victim whose training run has started
+            time.sleep(0.5)
+            running = [t for t in _study("shared", storage).get_trials() if t.state.name == "RUNNING" and trial_runs("shared", t.number)]
+        assert running, "the victim started a trial"
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait(timeout=30)
+        time.sleep(6)  # past the grace period
+        rescuer = _worker(space_file, storage, 6, module_store, worker_env)
+        assert rescuer.communicate(timeout=600)[0] is not None and rescuer.returncode == 0
+        lost = _study("shared", storage).trials[running[0].number]
+        assert lost.state.name == "FAIL"
+        [lost_run] = trial_runs("shared", lost.number)
+        assert lost_run.info.status == "FAILED" and lost_run.data.tags["error.type"] == "WorkerLost"
+        retried = [t for t in _study("shared", storage).get_trials() if optuna.storages.RetryFailedTrialCallback.retried_trial_number(t) == lost.number]
+        assert retried and retried[0].params == lost.params and retried[0].state.name == "COMPLETE"
