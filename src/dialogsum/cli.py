@@ -410,6 +410,36 @@ def tune(
 
 
 @app.command()
+def kfold(
+    model: Annotated[str, typer.Option(help="Model name or alias (see `dialogsum models`)")],
+    folds: Annotated[int, typer.Option(help="Number of folds")] = 5,
+    group_by: Annotated[str, typer.Option(help="fname (each row its own group) or topic (no topic in two folds)")] = "fname",
+    train_data: Annotated[Optional[Path], typer.Option(help="Labelled CSV to split into folds (default: bundled sample)")] = None,
+    test_data: Annotated[Optional[Path], typer.Option(help="Labelled CSV every fold's model is reported on (never chooses)")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Config override every fold gets, key=value (repeatable)")] = None,
+    resume: Annotated[Optional[str], typer.Option(help="Parent run id of a K-fold run: train only the folds without a succeeded child")] = None,
+) -> None:
+    """K-fold cross-validation: one parent run, one child training run per fold, out-of-fold predictions for every row."""
+    import mlflow
+
+    from dialogsum.config import ConfigError, parse_set_options
+    from dialogsum.data import DataError
+    from dialogsum.sweeps.kfold import KFoldError, run_kfold
+    from dialogsum.tracking import TrackingError, ui_hint
+
+    if group_by not in ("fname", "topic"):
+        _fail(ValueError(f"--group-by {group_by}: choose fname or topic"))
+    try:
+        parent = run_kfold(model, folds, group_by, train_path=train_data, test_path=test_data,  # type: ignore[arg-type]
+                           overrides=parse_set_options(set_ or []) or None, resume_run_id=resume)  # fmt: skip
+    except (ConfigError, DataError, KFoldError, TrackingError) as e:
+        _fail(e)
+    m = mlflow.get_run(parent).data.metrics
+    _say(f"{folds}-fold val_final {m['cv_val_final_mean']:.2f} ± {m['cv_val_final_std']:.2f}; out-of-fold final {m['oof_final']:.2f} "
+         f"[{m['oof_final_ci95_low']:.2f}, {m['oof_final_ci95_high']:.2f}] over {int(m['oof_rows'])} rows\nrun {parent}\nopen: {ui_hint(parent)}")
+
+
+@app.command()
 def export(
     out: Annotated[Path, typer.Option(help="Folder to write the saved model to (must not exist yet)")],
     model_uri: Annotated[str, typer.Option(help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/MODEL_NAME")] = (
