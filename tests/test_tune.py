@@ -16,8 +16,10 @@ import optuna
 import pytest
 import yaml
 from tracking_server import ensure_postgres, fresh_database
+from typer.testing import CliRunner
 
 import dialogsum.training.recipe
+from dialogsum.cli import app
 from dialogsum.config import ConfigError, load_model_config
 from dialogsum.sweeps.space import load_space
 from dialogsum.sweeps.tune import (
@@ -111,6 +113,11 @@ def test_a_pruned_study_records_every_trial_as_a_child_whose_status_matches_optu
     assert HISTORY_PLOT in artifacts
     table = mlflow.load_table(TRIALS_TABLE, run_ids=[parent])
     assert sorted(table["trial"]) == sorted(trials)
+    report = CliRunner().invoke(app, ["report", parent])
+    assert report.exit_code == 0, report.output
+    html = mlflow.artifacts.load_text(f"runs:/{parent}/report.html")
+    assert "Best trial: " in html and "data:image/png;base64," in html and "PRUNED" in html and "FAIL" in html
+    assert f"{len(pruned)} pruned, 1 failed" in html
 
     monkeypatch.setattr(dialogsum.training.recipe, "run_training", real_run_training)
     again = run_study(TuneSettings(**{**settings.__dict__, "trials": 7}))

@@ -293,15 +293,19 @@ def pipeline(
 
 @app.command()
 def report(
-    parent_run_id: Annotated[str, typer.Argument(help="The pipeline's parent run id")],
+    parent_run_id: Annotated[str, typer.Argument(help="The parent run id of a pipeline or of a study")],
     out: Annotated[Optional[Path], typer.Option(help="Also write report.md/html and figures to this folder")] = None,
 ) -> None:
-    """Generate the experiment report of a pipeline run from the MLflow store and log it to the parent run."""
+    """Generate the report of a pipeline (or of a `tune` study) from the MLflow store and log it to the parent run."""
+    import mlflow
+
     from dialogsum.pipeline.report import write_report
-    from dialogsum.tracking import configure_tracking
+    from dialogsum.sweeps.report import write_study_report
+    from dialogsum.tracking import KIND_TAG, configure_tracking
 
     configure_tracking()
-    Console().print(write_report(parent_run_id, out))
+    study = mlflow.get_run(parent_run_id).data.tags.get(KIND_TAG) == "tune"
+    Console().print((write_study_report if study else write_report)(parent_run_id, out))
 
 
 @app.command()

@@ -235,6 +235,9 @@ def run_study(settings: TuneSettings) -> str:
             study.optimize(objective, n_trials=remaining, catch=(Exception,), gc_after_trial=True,
                            callbacks=[optuna.study.MaxTrialsCallback(settings.trials, states=done)])  # fmt: skip
         log_study_summary(study, settings)
+        from dialogsum.sweeps.report import write_study_report
+
+        write_study_report(parent)
     return parent
 
 
