@@ -92,7 +92,7 @@ def summarize(
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     left = cfg.task == "causal"
-    beam_cache = cfg.task == "seq2seq" and kwargs["num_beams"] > 1
+    beam_cache = cfg.task == "seq2seq" and kwargs["num_beams"] > 1 and model.generation_config.use_cache
     model.eval()
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
