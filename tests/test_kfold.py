@@ -69,3 +69,30 @@ def test_topic_folds_keep_each_topic_in_one_fold_and_bad_folds_are_refused():
     assert all(len(folds) == 1 for folds in by_topic.values())
     with pytest.raises(KFoldError, match="at least 2"):
         fold_assignment(data, 1, "fname")
+
+
+def test_logit_average_of_the_fold_models_is_scored_on_the_shared_test_rows_and_served_as_one_pyfunc(mlflow_store, tmp_path):
+    """Fold models validate on different rows but share the test rows: the logit average is scored there, and its
+    pyfunc (holding every fold's model) writes the same summaries as the run's test table. The folds share one
+    tokenizer, as real KoBART folds share the hub's (a tiny model otherwise trains its own on each fold's rows)."""
+    from dialogsum.config import load_model_config
+    from dialogsum.models import train_tokenizer
+
+    rows = read_dialogues(sample_data_path("train"))
+    shared = tmp_path / "tokenizer"
+    train_tokenizer(rows.dialogues + rows.summaries, load_model_config("kobart-tiny")).save_pretrained(shared)
+    test = sample_data_path("dev")
+    result = CliRunner().invoke(app, ["kfold", "--model", "kobart-tiny", "--folds", "2", "--test-data", str(test), *SETTINGS,
+                                      "--set", "training.max_test_samples=3", "--set", f"tokenizer.path={shared}"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    [parent] = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.`{KIND_TAG}` = 'kfold'", output_format="list")
+    folds = [c.info.run_id for c in _children(parent.info.run_id)]
+    averaged = CliRunner().invoke(app, ["ensemble", "--runs", ",".join(folds), "--strategy", "logit_avg"])
+    assert averaged.exit_code == 0, averaged.output
+    [run] = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`dialogsum.ensemble.strategy` = 'logit_avg'", output_format="list")
+    assert run.info.status == "FINISHED" and "test_final" in run.data.metrics and "val_final" not in run.data.metrics
+    table = load_predictions(run.info.run_id, "test_predictions.json")
+    assert len(table) == 3
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/ensemble-logit_avg")
+    assert len(model.unwrap_python_model().members) == 2
+    assert model.predict([{"dialogue": d} for d in table["dialogue"]]) == list(table["prediction"])

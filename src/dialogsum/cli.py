@@ -161,13 +161,14 @@ def ensemble(
     parent: Annotated[str, typer.Option(help="Use the succeeded train/solar children of this run (and log under it)")] = "",
     top_k: Annotated[int, typer.Option(help="Use the K best succeeded train/solar runs of the experiment by --metric, among runs scored on the same validation rows")] = 0,
     metric: Annotated[str, typer.Option(help="Validation metric that ranks and weighs sources")] = "val_final",
-    strategy: Annotated[str, typer.Option(help="mbr, weighted_mbr or stacking")] = "mbr",
+    strategy: Annotated[str, typer.Option(help="mbr, weighted_mbr, stacking (choose one source's summary per row) or logit_avg (the sources' models decode as one)")] = "mbr",
     data: Annotated[str, typer.Option(help="CSV to summarise with the sources' models: labelled, it is scored as the test rows; unlabelled, summaries only")] = "",
     folds: Annotated[int, typer.Option(help="Cross-validation folds for stacking's out-of-fold validation score")] = 5,
     temperature: Annotated[float, typer.Option(help="weighted_mbr: softmax temperature over validation scores, in final points")] = 2.0,
     format_: FormatOption = "auto",
 ) -> None:
-    """Ensemble the summaries of tracked runs (MBR consensus, weighted MBR or a stacking selector)."""
+    """Ensemble tracked runs: choose among their summaries (MBR consensus, weighted MBR, a stacking selector), or
+    decode with their models' averaged next-token distributions (logit_avg)."""
     from dialogsum.data import DataError
     from dialogsum.ensemble import NotEnoughSources, run_ensemble, source_runs_of_parent, top_k_source_runs
     from dialogsum.output import emit
@@ -185,13 +186,24 @@ def ensemble(
             run_ids, left_out = top_k_source_runs(top_k, metric)
             for item in left_out:
                 _say(item.line())
-        run_id = run_ensemble(run_ids, strategy, data_path=data or None, parent_run_id=parent or None, metric=metric,
-                              folds=folds, temperature=temperature)  # fmt: skip
+        if strategy == "logit_avg":
+            from dialogsum.logit_ensemble import run_logit_average
+
+            run_id = run_logit_average(run_ids, data_path=data or None, parent_run_id=parent or None)
+        else:
+            run_id = run_ensemble(run_ids, strategy, data_path=data or None, parent_run_id=parent or None, metric=metric,
+                                  folds=folds, temperature=temperature)  # fmt: skip
     except NotEnoughSources as e:
         _skip_ensemble(e)
         return
-    except (DataError, TrackingError, ValueError) as e:
+    except (DataError, LookupError, TrackingError, ValueError) as e:
         _fail(e)
+    if strategy == "logit_avg":
+        import mlflow
+
+        scores = {k: v for k, v in mlflow.get_run(run_id).data.metrics.items() if k.endswith("_final")}
+        _say(f"ensemble logit_avg: {', '.join(f'{k} {v:.2f}' for k, v in sorted(scores.items())) or 'predictions only'}\nrun {run_id}\nopen: {ui_hint(run_id)}")
+        return
     emit(_ensemble_rows(run_id), ["candidate", "val", "test", "win share"], f"ensemble {strategy} (final on the same rows)", format_)
     _say(f"run {run_id}\nopen: {ui_hint(run_id)}")
 

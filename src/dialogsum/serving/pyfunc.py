@@ -69,14 +69,21 @@ class DialogueSummarizer(mlflow.pyfunc.PythonModel):
         from dialogsum.serving import saved_model
 
         self.batch_size = int((context.model_config or {}).get("batch_size", DEFAULT_BATCH_SIZE))
-        self.model, self.tokenizer, self.cfg = saved_model.load(context.artifacts[MODEL_ARTIFACT_KEY])
+        folder = context.artifacts[MODEL_ARTIFACT_KEY]
+        self.members = saved_model.load_members(folder) if saved_model.read(folder).weights == "ensemble" else []
+        self.model, self.tokenizer, self.cfg = self.members[0] if self.members else saved_model.load(folder)
 
     def predict(self, context, model_input: list[DialogueInput], params: dict[str, Any] | None = None) -> list[str]:  # noqa: ARG002
         from dialogsum.generate import summarize
+        from dialogsum.logit_average import averaging
 
         params = dict(params or {})
         batch_size = int(params.pop("batch_size", self.batch_size))
-        return summarize(self.model, self.tokenizer, self.cfg, [record.dialogue for record in model_input], batch_size, params)
+        dialogues = [record.dialogue for record in model_input]
+        if not self.members:
+            return summarize(self.model, self.tokenizer, self.cfg, dialogues, batch_size, params)
+        with averaging([model for model, _, _ in self.members]) as main:
+            return summarize(main, self.tokenizer, self.cfg, dialogues, batch_size, params)
 
 
 def default_params(settings: GenerationSettings, batch_size: int = DEFAULT_BATCH_SIZE) -> dict[str, Any]:
@@ -115,8 +122,9 @@ def inference_requirements(model_dir: Path) -> list[str]:
     from dialogsum.serving.saved_model import read
 
     info = read(model_dir)
+    members = [read(Path(model_dir) / "members" / str(i)) for i in range(info.members)] if info.weights == "ensemble" else [info]
     packages = ["torch", "transformers", "tokenizers", "peft", "accelerate", "packaging", "pandas", "pydantic", "pyyaml"]
-    if (info.variant or "").startswith("bnb-") or (info.base is not None and info.base.quantization):
+    if any((m.variant or "").startswith("bnb-") or (m.base is not None and m.base.quantization) for m in members):
         packages.append("bitsandbytes")
     return [f"{name}=={version(name)}" for name in packages]
 

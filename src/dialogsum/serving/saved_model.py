@@ -7,6 +7,7 @@ a training and `optimize` load it with `load`, and `describe` says in words what
     weights/               full weights (`save_pretrained`), or an `optimize` variant's (`dialogsum.quantize`)
     adapter/               a LoRA adapter (peft), when the weights are an adapter
     base/                  the adapter's base when it exists nowhere else (a random-init, config-source base)
+    members/<i>/           a logit-averaging ensemble: one saved-model folder per member (`write_ensemble`)
 
 An adapter is served the way it was scored: on its base loaded exactly as training loaded it (a QLoRA base in the
 same 4-bit nf4 form, from the hub commit the training resolved, or from `base/`), not merged. `export --merge`
@@ -53,12 +54,13 @@ class SavedModel(BaseModel):
 
     format: int = FORMAT_VERSION
     config: ModelConfig
-    weights: Literal["full", "adapter"]
+    weights: Literal["full", "adapter", "ensemble"]
     variant: str | None = None  # an `optimize` variant (int8, fp16, bnb-nf4, ...); None: as trained
     base: BaseReference | None = None
     revisions: dict[str, str | None] = {}  # {"weights": commit, "tokenizer": commit} resolved from the HF cache
     scored: bool = True  # False for a merged export: not the model whose scores were logged
     note: str = ""
+    members: int = 0  # an ensemble's member folders, members/0 … members/<n-1>
 
 
 def read(folder: str | Path) -> SavedModel:
@@ -141,6 +143,24 @@ def write_merged(source_folder: Path, folder: Path, dtype_name: str = "bfloat16"
     return info
 
 
+def write_ensemble(folder: Path, member_folders: list[Path]) -> Path:
+    """A logit-averaging ensemble: each member's saved-model folder copied under `members/<i>`; the config is the
+    first member's (the members share its tokenizer, task and prompt)."""
+    for i, member in enumerate(member_folders):
+        shutil.copytree(member, folder / "members" / str(i), dirs_exist_ok=True)
+    first = read(member_folders[0])
+    note = f"logit average of {len(member_folders)} models that share a tokenizer"
+    return _write_info(folder, SavedModel(config=first.config, weights="ensemble", revisions=first.revisions, members=len(member_folders), note=note))
+
+
+def load_members(folder: str | Path, device: str | None = None) -> list[tuple]:
+    """(model, tokenizer, ModelConfig) of every member of an ensemble folder, each loaded as `load` loads it."""
+    info = read(folder)
+    if info.weights != "ensemble":
+        raise SavedModelError(f"{folder}: not an ensemble")
+    return [load(Path(folder) / "members" / str(i), device) for i in range(info.members)]
+
+
 def copy_to(source_folder: Path, folder: Path) -> SavedModel:
     """The saved model as it was scored, copied (a bundled base with it)."""
     info = read(source_folder)
@@ -179,6 +199,8 @@ def load(folder: str | Path, device: str | None = None, dtype=None, merge: bool 
 
     folder = Path(folder)
     info = read(folder)
+    if info.weights == "ensemble":
+        raise SavedModelError(f"{folder}: an ensemble of {info.members} models; load its members with `load_members`")
     cfg = info.config
     device = device or default_device()
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
@@ -235,7 +257,9 @@ def describe(folder: str | Path) -> dict[str, Any]:
     metadata."""
     info = read(folder)
     cfg = info.config
-    if info.variant:
+    if info.weights == "ensemble":
+        weights = f"logit average of {info.members} models (members/0 … members/{info.members - 1})"
+    elif info.variant:
         weights = f"`{info.variant}` variant of the trained weights (dialogsum optimize)"
     elif info.weights == "adapter":
         base = info.base
