@@ -9,8 +9,8 @@
 
 Keys are dotted model-config keys. The file is validated by the schema (an unknown key names the file and key),
 and every key is checked against the model's config before the first trial, with each bound applied. Keys under
-`generation.` change only how summaries are generated: a study whose space has nothing else re-generates from one
-trained model instead of training per trial.
+`generation.` change only how the validation summaries are generated; every trial trains, so a space needs at least
+one other key.
 """
 
 from __future__ import annotations
