@@ -125,3 +125,39 @@ def test_an_optimize_variant_this_device_cannot_run_fails_before_anything_trains
     assert result.returncode != 0
     assert f"error: {path}: optimize.quantization: quantization 'bf16' runs on cuda" in result.stderr, result.stderr
     assert not (tmp_path / "mlflow.db").exists(), "nothing was started, not even the tracking store"
+
+
+SPACE = """\
+model: kobart-tiny
+fixed: {training.max_train_samples: 16, training.epochs: 1, generation.max_new_tokens: 4, generation.num_beams: 1, checkpoint.keep: none}
+params:
+  training.learning_rate: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+"""
+
+
+def test_tune_and_kfold_steps_nest_their_runs_under_their_step_and_the_report_tells_both(mlflow_store, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE, encoding="utf-8")
+    config = {"name": "sweeps", "experiment": "pipeline-sweeps",
+              "data": {"train": str(sample_data_path("train")), "test": str(sample_data_path("dev")), "validation_fraction": 0.2},
+              "models": [{"name": "kobart-tiny"}], "steps": ["tune", "kfold"],
+              "tune": {"model": "kobart-tiny", "space": str(space), "trials": 2, "pruner": "none", "sampler": "random", "metric": "val_loss"},
+              "kfold": {"model": "kobart-tiny", "folds": 2, "overrides": {"training.epochs": 1, "generation.max_new_tokens": 4,
+                                                                          "generation.num_beams": 1, "training.max_test_samples": 2}},
+              "timeouts": {"tune": 400, "kfold": 400}}  # fmt: skip
+    path = tmp_path / "sweeps.yaml"
+    path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
+    parent_id = run_pipeline(path)
+    children = {r.data.tags["dialogsum.kind"]: r for r in _children(parent_id)}
+    assert set(children) == {"tune", "kfold"}
+    for kind, expected in (("tune", 2), ("kfold", 2)):
+        child = children[kind]
+        assert child.info.status == "FINISHED" and child.data.tags["dialogsum.status"] == "succeeded", child.data.tags
+        grandchildren = _children(child.info.run_id)
+        assert len(grandchildren) == expected and all(g.data.tags["dialogsum.kind"] == "train" for g in grandchildren)
+    assert children["tune"].data.metrics["trials_complete"] == 2
+    report = Path(mlflow.artifacts.download_artifacts(run_id=parent_id, artifact_path="report.md")).read_text()
+    assert "## Study `pipeline-" in report and "### Trials" in report and "optimization_history.png" in report
+    assert "## Cross-validation: kobart-tiny" in report and "out-of-fold final" in report, report
+    html = Path(mlflow.artifacts.download_artifacts(run_id=parent_id, artifact_path="report.html")).read_text()
+    assert html.count("data:image/png;base64,") >= 2

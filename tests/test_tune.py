@@ -184,3 +184,32 @@ def test_two_workers_share_one_postgresql_study_and_a_killed_workers_trial_is_fa
         assert lost_run.info.status == "FAILED" and lost_run.data.tags["error.type"] == "WorkerLost"
         retried = [t for t in _study("shared", storage).get_trials() if optuna.storages.RetryFailedTrialCallback.retried_trial_number(t) == lost.number]
         assert retried and retried[0].params == lost.params and retried[0].state.name == "COMPLETE"
+
+
+GENERATION_SPACE = """\
+model: kobart-tiny
+fixed: {generation.max_new_tokens: 6}
+params:
+  generation.num_beams: {type: int, low: 1, high: 3}
+  generation.no_repeat_ngram_size: {type: categorical, choices: [0, 2]}
+"""
+
+
+def test_generation_settings_are_tuned_on_a_trained_model_without_training(mlflow_store, tmp_path):
+    from dialogsum.training.recipe import train_model
+    from dialogsum.tracking import VAL_ROWS_TAG
+
+    source = train_model("kobart-tiny", overrides={"training.epochs": 1, "training.max_train_samples": 24, "training.max_validation_samples": 6,
+                                                   "training.max_test_samples": 2, "generation.max_new_tokens": 6, "checkpoint.keep": "none"})  # fmt: skip
+    space = tmp_path / "generation.yaml"
+    space.write_text(GENERATION_SPACE, encoding="utf-8")
+    with pytest.raises(Exception, match="--from-run"):
+        run_study(TuneSettings(model="kobart-tiny", space=str(space), trials=3))
+    parent = run_study(TuneSettings(model="kobart-tiny", space=str(space), trials=3, from_run=source, sampler="random", seed=1))
+    children = _children(parent)
+    assert len(children) == 3 and all(c.data.tags[KIND_TAG] == "generate" for c in children)
+    digest = mlflow.get_run(source).data.tags[VAL_ROWS_TAG]
+    assert all(c.data.tags[VAL_ROWS_TAG] == digest and "val_final" in c.data.metrics for c in children), "scored on the source's validation rows"
+    trained = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.`{KIND_TAG}` = 'train'", output_format="list")
+    assert [r.info.run_id for r in trained] == [source], "no trial trained"
+    assert "--set generation.num_beams=" in mlflow.artifacts.load_text(f"runs:/{parent}/{BEST_SET_LINE_ARTIFACT}")

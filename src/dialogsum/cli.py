@@ -402,8 +402,10 @@ def tune(
     train_data: Annotated[Optional[Path], typer.Option(help="Labelled training CSV (default: bundled sample)")] = None,
     validation_data: Annotated[Optional[Path], typer.Option(help="Labelled CSV the trials are scored on (default: held out of the training rows)")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Config override every trial gets, key=value (repeatable)")] = None,
+    from_run: Annotated[str, typer.Option(help="For a space of generation.* keys only: re-generate this training run's validation rows with its model, no training")] = "",
 ) -> None:
-    """An Optuna study: one parent run, one child training run per trial, pruned per epoch on validation."""
+    """An Optuna study: one parent run, one child training run per trial, pruned per epoch on validation (or, with
+    --from-run, generation settings tried on one trained model)."""
     import mlflow
 
     from dialogsum.config import ConfigError, parse_set_options
@@ -414,7 +416,7 @@ def tune(
         settings = TuneSettings(model=model, space=space, trials=trials, study=study or None, storage=storage or None, sampler=sampler,
                                 pruner=pruner, metric=metric, seed=seed, train_path=str(train_data) if train_data else None,
                                 validation_path=str(validation_data) if validation_data else None,
-                                overrides=parse_set_options(set_ or []))  # fmt: skip
+                                overrides=parse_set_options(set_ or []), from_run=from_run or None)  # fmt: skip
         parent = run_study(settings)
     except (ConfigError, TuneError, TrackingError) as e:
         _fail(e)

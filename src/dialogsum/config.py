@@ -330,7 +330,7 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 # Per-model overrides a pipeline refuses: every child is validated and tested on the same rows.
 ROW_LIMITS = ("training.max_validation_samples", "training.max_test_samples")
-PipelineStep = Literal["train", "evaluate_solar", "ensemble", "optimize", "register", "predict"]
+PipelineStep = Literal["train", "tune", "kfold", "evaluate_solar", "ensemble", "optimize", "register", "predict"]
 
 
 class PipelineModel(StrictModel):
@@ -363,6 +363,26 @@ class EnsembleStep(StrictModel):
     strategy: Literal["mbr", "weighted_mbr", "stacking"] = "mbr"
 
 
+class TuneStep(StrictModel):
+    """An Optuna study of one model (`dialogsum tune`) on the pipeline's train and validation files."""
+
+    model: str
+    space: str
+    trials: int = Field(10, ge=1)
+    sampler: Literal["tpe", "random"] = "tpe"
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    metric: str = "val_final"
+
+
+class KFoldStep(StrictModel):
+    """K-fold cross-validation of one model (`dialogsum kfold`) over the pipeline's train file, reported on its test file."""
+
+    model: str
+    folds: int = Field(5, ge=2)
+    group_by: Literal["fname", "topic"] = "fname"
+    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted config keys every fold gets, as with --set")
+
+
 class OptimizeStep(StrictModel):
     quantization: str = "auto"  # see dialogsum.quantize.resolve_variants; checked against the device at pipeline start
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
@@ -379,6 +399,8 @@ class StageTimeouts(StrictModel):
     between SIGTERM and SIGKILL when a stage is stopped (timeout, or the pipeline interrupted)."""
 
     train: float = 6 * 3600
+    tune: float = 24 * 3600
+    kfold: float = 24 * 3600
     evaluate_solar: float = 3600
     ensemble: float = 1800
     optimize: float = 3600
@@ -394,6 +416,8 @@ class PipelineConfig(StrictModel):
     data: PipelineData = Field(default_factory=PipelineData)
     models: list[PipelineModel]
     steps: list[PipelineStep] = Field(default_factory=lambda: ["train"])
+    tune: TuneStep | None = None
+    kfold: KFoldStep | None = None
     solar: SolarStep = Field(default_factory=SolarStep)
     ensemble: EnsembleStep = Field(default_factory=EnsembleStep)
     optimize: OptimizeStep = Field(default_factory=OptimizeStep)
@@ -402,6 +426,9 @@ class PipelineConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_models(self) -> "PipelineConfig":
+        for step in ("tune", "kfold"):
+            if step in self.steps and getattr(self, step) is None:
+                raise ValueError(f"steps: '{step}' needs a '{step}' section (model, ...)")
         names = [normalize_name(m.name) for m in self.models]
         duplicates = sorted({m.name for m in self.models if names.count(normalize_name(m.name)) > 1})
         if duplicates:

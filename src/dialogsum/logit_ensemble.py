@@ -33,17 +33,6 @@ def shared_rows(run_ids: Sequence[str], tag: str, artifact: str):
     return load_predictions(run_ids[0], artifact)[["fname", "dialogue", "reference"]]
 
 
-def score(prefix: str, predictions: list[str], references: list[str]) -> tuple[dict[str, float], list[dict[str, float]]]:
-    from dialogsum.metrics import aggregate, score_rows
-    from dialogsum.stats import bootstrap_mean
-
-    rows = score_rows(predictions, references)
-    interval = bootstrap_mean([r["final"] for r in rows])
-    metrics = {f"{prefix}_{k}": v for k, v in aggregate(rows).items()}
-    metrics.update({f"{prefix}_final_ci95_low": interval.low, f"{prefix}_final_ci95_high": interval.high})
-    return metrics, rows
-
-
 def run_logit_average(run_ids: Sequence[str], *, data_path: str | Path | None = None, parent_run_id: str | None = None,
                       batch_size: int = 16) -> str:  # fmt: skip
     """Generate with the averaged sources on their shared rows (and `data_path`), log the run and the pyfunc;
@@ -57,6 +46,7 @@ def run_logit_average(run_ids: Sequence[str], *, data_path: str | Path | None = 
     from dialogsum.ensemble import SOURCE_MODELS_TAG, SOURCES_TAG, STRATEGY_TAG
     from dialogsum.generate import summarize
     from dialogsum.logit_average import averaging, check_compatible
+    from dialogsum.metrics import role_scores
     from dialogsum.serving import saved_model
     from dialogsum.serving.pyfunc import log_summarizer, logged_model_dir, run_model_uri
     from dialogsum.tracking import log_predictions, tracked_run
@@ -89,7 +79,7 @@ def run_logit_average(run_ids: Sequence[str], *, data_path: str | Path | None = 
                 predictions = summarize(main, tokenizer, cfg, list(table["dialogue"]), batch_size)
             out = table.assign(prediction=predictions)
             if prefix != "data":
-                metrics, rows = score(prefix, predictions, list(table["reference"]))
+                metrics, rows = role_scores(prefix, predictions, list(table["reference"]))
                 mlflow.log_metrics(metrics)
                 mlflow.set_tag(VAL_ROWS_TAG if prefix == "val" else TEST_ROWS_TAG, rows_digest(list(table["fname"]), list(table["reference"])))
                 out = pd.concat([out, pd.DataFrame(rows)], axis=1)

@@ -175,6 +175,17 @@ def aggregate(rows: Sequence[dict[str, float]]) -> dict[str, float]:
     return {k: sum(r[k] for r in rows) / len(rows) for k in keys}
 
 
+def role_scores(prefix: str, predictions: Sequence[str], references: Sequence[str]) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """(`<prefix>_*` metrics with the 95% bootstrap interval of `<prefix>_final` over the rows, per-row scores)."""
+    from dialogsum.stats import bootstrap_mean
+
+    rows = score_rows(predictions, references)
+    interval = bootstrap_mean([r["final"] for r in rows])
+    metrics = {f"{prefix}_{k}": v for k, v in aggregate(rows).items()}
+    metrics.update({f"{prefix}_final_ci95_low": interval.low, f"{prefix}_final_ci95_high": interval.high})
+    return metrics, rows
+
+
 def rouge(
     predictions: Sequence[str],
     references: Sequence[str | Sequence[str]],

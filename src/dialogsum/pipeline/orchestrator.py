@@ -55,7 +55,7 @@ ROLE_FILES = ("train", "validation", "test", "predict")
 SUBMISSION_FILE = "submission.csv"
 INTERRUPTED_REASON = "pipeline interrupted before this stage started"
 RESUMABLE_ERRORS = ("ProcessDied", "StageTimeout", "Interrupted")  # stopped from outside, mid-training
-LATER_STEPS = ("evaluate_solar", "ensemble", "optimize", "register", "predict")
+LATER_STEPS = ("tune", "kfold", "evaluate_solar", "ensemble", "optimize", "register", "predict")
 
 
 @dataclass
@@ -244,6 +244,23 @@ class Pipeline:
             self.changed |= outcome.status == "succeeded"
             console.print(f"  {name}: {outcome.status}")
 
+    def _step_tune(self, children: list) -> str:  # noqa: ARG002 - every step takes the children
+        t = self.cfg.tune
+        assert t is not None
+        command = ["tune", "--model", t.model, "--space", t.space, "--trials", str(t.trials), "--sampler", t.sampler,
+                   "--pruner", t.pruner, "--metric", t.metric, "--study", f"pipeline-{self.parent_id}",
+                   "--train-data", str(self.files.train), "--validation-data", str(self.files.validation)]  # fmt: skip
+        return self._spawn(f"tune:{t.model}", "tune", command, self.cfg.timeouts.tune)
+
+    def _step_kfold(self, children: list) -> str:  # noqa: ARG002 - every step takes the children
+        k = self.cfg.kfold
+        assert k is not None
+        command = ["kfold", "--model", k.model, "--folds", str(k.folds), "--group-by", k.group_by, "--train-data", str(self.files.train),
+                   *_set_args(k.overrides)]  # fmt: skip
+        if self.files.test:
+            command += ["--test-data", str(self.files.test)]
+        return self._spawn(f"kfold:{k.model}", "kfold", command, self.cfg.timeouts.kfold)
+
     def _step_evaluate_solar(self, children: list) -> str:
         from dialogsum.solar.evaluation import MissingApiKey, api_key_from_env
 
@@ -313,8 +330,8 @@ def resumable(run) -> bool:
 
 
 
-_STEP_KIND = {"evaluate_solar": "solar", "ensemble": "ensemble", "optimize": "optimize", "register": "register",
-              "predict": "predict"}  # fmt: skip
+_STEP_KIND = {"tune": "tune", "kfold": "kfold", "evaluate_solar": "solar", "ensemble": "ensemble", "optimize": "optimize",
+              "register": "register", "predict": "predict"}  # fmt: skip
 
 
 def predict_source(children: list, registered_name: str) -> tuple[list[str] | None, str]:

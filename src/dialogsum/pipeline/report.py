@@ -21,6 +21,8 @@ from dialogsum.comparison import compare_logged, split_comparable
 from dialogsum.pipeline.matrix import build_matrix, html_page, matrix_html, pivot_matrix
 from dialogsum.pipeline.report_figures import curves_png, matrix_png, timeline_png
 from dialogsum.pipeline.store import best_train_run, find_child, latest_children
+from dialogsum.sweeps.report import study_inputs
+from dialogsum.sweeps.tune import TRIALS_TABLE as STUDY_RESULT
 from dialogsum.tracking import KIND_TAG, MODEL_TAG, REASON_TAG, STATUS_TAG, VAL_ROWS_TAG, run_metric
 
 SCORED_KINDS = ("train", "solar", "ensemble")
@@ -167,8 +169,9 @@ def _failures(children: list) -> list[str]:
     return out
 
 
-def render_markdown(parent, children: list, matrix, figures: dict[str, str]) -> str:
-    """The report as Markdown; `figures` maps a figure's key to its image source (a file name or a data URI)."""
+def render_markdown(parent, children: list, matrix, figures: dict[str, str], studies: dict[str, tuple] | None = None) -> str:
+    """The report as Markdown; `figures` maps a figure's key to its image source (a file name or a data URI);
+    `studies` holds each study child's (trials table, `--set` line)."""
     out = _header(parent, children) + _timeline(parent, children)
     if "timeline" in figures:
         out += ["", f"![timeline]({figures['timeline']})"]
@@ -178,11 +181,30 @@ def render_markdown(parent, children: list, matrix, figures: dict[str, str]) -> 
     out += _results(children)
     if "curves" in figures:
         out += ["", f"![validation curves]({figures['curves']})"]
-    out += _comparisons(children) + _failures(children)
+    out += _sweeps(children, figures, studies or {}) + _comparisons(children) + _failures(children)
     skipped = [r for r in children if r.data.tags.get(STATUS_TAG) == "skipped"]
     out += ["", "## Skipped", ""]
     out += [f"- **{r.data.tags.get(KIND_TAG)}**: {r.data.tags.get(REASON_TAG, 'no reason recorded')}" for r in skipped] or ["Nothing was skipped."]
     return "\n".join(out) + "\n"
+
+
+def _sweeps(children: list, figures: dict[str, str], studies: dict[str, tuple]) -> list[str]:
+    """A section per study (its trials, best trial and history plot) and per K-fold run (CV mean ± std, OOF score);
+    `studies` maps a study run id to its (trials table, `--set` line)."""
+    from dialogsum.sweeps.report import render_markdown as study_markdown
+
+    out: list[str] = []
+    for run in children:
+        kind, m = run.data.tags.get(KIND_TAG), run.data.metrics
+        if kind == "tune" and run.info.run_id in studies:
+            trials, set_line = studies[run.info.run_id]
+            out += ["", study_markdown(run, trials, set_line, figures.get(f"study:{run.info.run_id}"), level=2)]
+        elif kind == "kfold" and "cv_val_final_mean" in m:
+            out += ["", f"## Cross-validation: {_name(run)}", "",
+                    f"{int(run.data.tags.get('dialogsum.folds', 0))} folds: val_final {m['cv_val_final_mean']:.2f} ± {m['cv_val_final_std']:.2f}; "
+                    f"out-of-fold final {m['oof_final']:.2f} [{m['oof_final_ci95_low']:.2f}, {m['oof_final_ci95_high']:.2f}] over "
+                    f"{int(m['oof_rows'])} training rows, each predicted by the fold that held it out."]  # fmt: skip
+    return out
 
 
 def _data_uri(path: Path) -> str:
@@ -212,11 +234,18 @@ def write_report(parent_id: str, out_dir: Path | None = None) -> str:
         curve_file = curves_png(curves, folder / "val_curves.png")
         if curve_file is not None:
             files["curves"] = curve_file
-        text = render_markdown(parent, children, matrix, {key: path.name for key, path in files.items()})
+        studies = {}
+        for run in children:
+            if run.data.tags.get(KIND_TAG) == "tune" and STUDY_RESULT in {a.path for a in client.list_artifacts(run.info.run_id)}:
+                trials, set_line, plot = study_inputs(run.info.run_id, folder / "studies" / run.info.run_id)
+                studies[run.info.run_id] = (trials, set_line)
+                if plot is not None:
+                    files[f"study:{run.info.run_id}"] = plot
+        text = render_markdown(parent, children, matrix, {key: str(path.relative_to(folder)) for key, path in files.items()}, studies)
         (folder / "report.md").write_text(text, encoding="utf-8")
-        embedded = render_markdown(parent, children, matrix, {key: _data_uri(path) for key, path in files.items()})
+        embedded = render_markdown(parent, children, matrix, {key: _data_uri(path) for key, path in files.items()}, studies)
         body = markdown.markdown(embedded, extensions=["tables", "fenced_code"])
         (folder / "report.html").write_text(html_page(f"dialogsum report: {parent.info.run_name}", body), encoding="utf-8")
-        for name in ("matrix.csv", "matrix.md", "matrix.html", "report.md", "report.html", *(p.name for p in files.values())):
-            client.log_artifact(parent_id, str(folder / name))
+        for name in ("matrix.csv", "matrix.md", "matrix.html", "report.md", "report.html", *(str(p.relative_to(folder)) for p in files.values())):
+            client.log_artifact(parent_id, str(folder / name), str(Path(name).parent) if Path(name).parent != Path(".") else None)
         return text

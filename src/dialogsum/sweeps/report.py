@@ -20,10 +20,11 @@ def _cell(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def render_markdown(parent, trials, set_line: str | None, plot: str | None) -> str:
+def render_markdown(parent, trials, set_line: str | None, plot: str | None, level: int = 1) -> str:
+    """The study as Markdown, its title at heading `level` (a pipeline report nests it)."""
     metrics = parent.data.metrics
     metric = next((k.removeprefix("best_") for k in metrics if k.startswith("best_") and k != "best_trial"), "val_final")
-    lines = [f"# Study `{parent.data.tags.get(STUDY_TAG, parent.info.run_name)}`", "",
+    lines = [f"{'#' * level} Study `{parent.data.tags.get(STUDY_TAG, parent.info.run_name)}`", "",
              f"Model `{parent.data.tags.get('dialogsum.model', '?')}`, space `{parent.data.params.get('study.space', '?')}`; "
              f"{int(metrics.get('trials_complete', 0))} complete, {int(metrics.get('trials_pruned', 0))} pruned, "
              f"{int(metrics.get('trials_failed', 0))} failed.", ""]  # fmt: skip
@@ -37,8 +38,24 @@ def render_markdown(parent, trials, set_line: str | None, plot: str | None) -> s
     if plot:
         lines += [f"![optimization history]({plot})", ""]
     if trials is not None and not trials.empty:
-        lines += ["## Trials", "", trials.map(_cell).to_markdown(index=False), ""]
+        lines += [f"{'#' * (level + 1)} Trials", "", trials.map(_cell).to_markdown(index=False), ""]
     return "\n".join(lines)
+
+
+def study_inputs(parent_id: str, folder: Path):
+    """(trials table or None, `--set` line or None, history plot downloaded into `folder` or None) of a study run."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    artifacts = {a.path for a in client.list_artifacts(parent_id)} | {a.path for a in client.list_artifacts(parent_id, "plots")}
+    trials = load_predictions(parent_id, TRIALS_TABLE) if TRIALS_TABLE in artifacts else None
+    set_line = mlflow.artifacts.load_text(f"runs:/{parent_id}/{BEST_SET_LINE_ARTIFACT}") if BEST_SET_LINE_ARTIFACT in artifacts else None
+    plot = Path(client.download_artifacts(parent_id, HISTORY_PLOT, str(folder))) if HISTORY_PLOT in artifacts else None
+    return trials, set_line, plot
+
+
+def data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
 def write_study_report(parent_id: str, out_dir: Path | None = None) -> str:
@@ -48,19 +65,13 @@ def write_study_report(parent_id: str, out_dir: Path | None = None) -> str:
 
     client = mlflow.MlflowClient()
     parent = client.get_run(parent_id)
-    artifacts = {a.path for a in client.list_artifacts(parent_id)} | {a.path for a in client.list_artifacts(parent_id, "plots")}
-    trials = load_predictions(parent_id, TRIALS_TABLE) if TRIALS_TABLE in artifacts else None
-    set_line = mlflow.artifacts.load_text(f"runs:/{parent_id}/{BEST_SET_LINE_ARTIFACT}") if BEST_SET_LINE_ARTIFACT in artifacts else None
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(out_dir or tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        plot = None
-        if HISTORY_PLOT in artifacts:
-            plot = Path(client.download_artifacts(parent_id, HISTORY_PLOT, str(folder)))
-        text = render_markdown(parent, trials, set_line, f"{Path(HISTORY_PLOT).parent}/{plot.name}" if plot else None)
+        trials, set_line, plot = study_inputs(parent_id, folder)
+        text = render_markdown(parent, trials, set_line, str(plot.relative_to(folder)) if plot else None)
         (folder / "report.md").write_text(text, encoding="utf-8")
-        embedded = render_markdown(parent, trials, set_line, f"data:image/png;base64,{base64.b64encode(plot.read_bytes()).decode()}" if plot else None)
-        body = markdown.markdown(embedded, extensions=["tables", "fenced_code"])
+        body = markdown.markdown(render_markdown(parent, trials, set_line, data_uri(plot) if plot else None), extensions=["tables", "fenced_code"])
         (folder / "report.html").write_text(html_page(f"dialogsum study: {parent.info.run_name}", body), encoding="utf-8")
         for name in ("report.md", "report.html"):
             client.log_artifact(parent_id, str(folder / name))

@@ -1,6 +1,8 @@
 """`dialogsum tune`: an Optuna study over a search space, as one MLflow parent run (`dialogsum.kind=tune`) whose
 children are the trials: ordinary training runs (`dialogsum.kind=train`) tagged `dialogsum.study` and
-`dialogsum.trial`, so the registry, ensembles and reports treat them like any other training.
+`dialogsum.trial`, so the registry, ensembles and reports treat them like any other training. A space of
+`generation.*` keys only is searched with `--from-run RUN_ID` instead: each trial re-generates that run's validation
+rows with its logged model and the trial's settings (a child of kind `generate`), with no training.
 
 Each trial reports its validation score after every epoch and the pruner decides: a pruned trial ends KILLED with
 `dialogsum.status=pruned` and the epoch it stopped after; a trial that raises ends FAILED with its error
@@ -60,6 +62,7 @@ class TuneSettings:
     train_path: str | None = None
     validation_path: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    from_run: str | None = None  # generation-only spaces: re-generate with this run's model, no training
 
     @property
     def direction(self) -> str:
@@ -147,6 +150,11 @@ def study_parent(study, storage, settings: TuneSettings) -> str:
     existing = study.user_attrs.get(PARENT_ATTR)
     if existing:
         return existing
+    given = os.environ.pop("MLFLOW_RUN_ID", None)  # a pipeline's tune step (or `mlflow run`) opened the parent
+    if given:
+        mlflow.MlflowClient().set_tag(given, STUDY_TAG, study.study_name)
+        study.set_user_attr(PARENT_ATTR, given)
+        return given
     client = mlflow.MlflowClient()
     tags = {**source_git_tags(), KIND_TAG: "tune", STUDY_TAG: study.study_name, MODEL_TAG: settings.model, STATUS_TAG: "running"}
     run = client.create_run(active_experiment_id(), run_name=f"tune-{study.study_name}", tags=tags)
@@ -204,6 +212,47 @@ def make_objective(settings: TuneSettings, space: SearchSpace, parent_run_id: st
     return objective
 
 
+def make_generation_objective(settings: TuneSettings, space: SearchSpace, parent_run_id: str):
+    """Trials that re-generate the source run's validation rows with its logged model (loaded once, as served) and
+    the trial's generation settings: no training. Each trial is a child run of kind `generate` with the settings,
+    the `val_*` scores on the source's validation rows (same digest) and the predictions table."""
+    import mlflow
+    import optuna
+
+    from dialogsum.generate import summarize
+    from dialogsum.metrics import role_scores
+    from dialogsum.serving import saved_model
+    from dialogsum.serving.pyfunc import logged_model_dir, run_model_uri
+    from dialogsum.tracking import MODEL_TAG, VAL_ROWS_TAG, load_predictions, log_predictions, tracked_run
+
+    from dialogsum.config import model_registry
+
+    source = mlflow.get_run(settings.from_run)
+    model, tokenizer, cfg = saved_model.load(logged_model_dir(run_model_uri(settings.from_run)))
+    if cfg.name != model_registry().resolve(settings.model):
+        raise TuneError(f"--from-run {settings.from_run} trained '{cfg.name}', not '{settings.model}'")
+    rows = load_predictions(settings.from_run)[["fname", "dialogue", "reference"]]
+    digest = source.data.tags.get(VAL_ROWS_TAG, "")
+
+    def objective(trial: optuna.Trial) -> float:
+        overrides = space.suggest(trial)
+        generation = {k.removeprefix("generation."): v for k, v in overrides.items() if k.startswith("generation.")}
+        tags = {STUDY_TAG: trial.study.study_name, TRIAL_TAG: str(trial.number), MODEL_TAG: cfg.name,
+                "dialogsum.source_run": settings.from_run, VAL_ROWS_TAG: digest}  # fmt: skip
+        with tracked_run(run_name=f"{cfg.name}-trial-{trial.number}", kind="generate", tags=tags, parent_run_id=parent_run_id) as run:
+            trial.set_user_attr(RUN_ATTR, run.run_id)
+            mlflow.log_params({**overrides, "source_run": settings.from_run})
+            predictions = summarize(model, tokenizer, cfg, list(rows["dialogue"]), cfg.training.eval_batch_size, generation)
+            metrics, scored = role_scores("val", predictions, list(rows["reference"]))
+            mlflow.log_metrics(metrics)
+            log_predictions([{**r, "prediction": p, **s} for r, p, s in zip(rows.to_dict("records"), predictions, scored)])
+        if settings.metric not in metrics:
+            raise TuneError(f"--metric {settings.metric}: a generation trial logs {', '.join(sorted(metrics))}")
+        return metrics[settings.metric]
+
+    return objective
+
+
 def run_study(settings: TuneSettings) -> str:
     """Run (or join, or continue) the study; returns the parent run id. This worker works inside the parent run
     (RUNNING while it works, then FINISHED, or FAILED/KILLED with the reason) and stops when the study holds
@@ -214,9 +263,11 @@ def run_study(settings: TuneSettings) -> str:
 
     cfg = load_model_config(settings.model, settings.overrides or None)
     space = load_space(settings.space, cfg)
-    if space.generation_only:
-        raise TuneError(f"{settings.space}: every key is a generation setting; searching them needs a trained model, "
-                        "and this study trains one per trial: add a training key")  # fmt: skip
+    if space.generation_only != bool(settings.from_run):
+        raise TuneError(f"{settings.space}: every key is a generation setting; give --from-run RUN_ID to re-generate with "
+                        "that run's model instead of training" if space.generation_only else
+                        f"{settings.space}: --from-run re-generates without training, but the space has training keys "
+                        f"({', '.join(k for k in space.params if not k.startswith('generation.'))})")  # fmt: skip
     configure_tracking()
     name = settings.study or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -226,7 +277,7 @@ def run_study(settings: TuneSettings) -> str:
     parent = study_parent(study, storage, settings)
     done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     with tracked_run(kind="tune", run_id=parent):
-        objective = make_objective(settings, space, parent)
+        objective = (make_generation_objective if settings.from_run else make_objective)(settings, space, parent)
         while True:  # failed trials do not count: run until the cap of finished ones, or as many failures
             trials = counted_trials(study)
             remaining = settings.trials - sum(t.state in done for t in trials)

@@ -88,14 +88,11 @@ def _log_datasets(roles: DataRoles) -> None:
 def score_predictions(prefix: str, predictions: list[str], data: DialogueSet, tokenizer) -> EpochResult:
     """Korean ROUGE of `predictions` against `data`'s references as `<prefix>_*` metrics, with the 95% bootstrap
     interval of `<prefix>_final` over the rows and the mean generated length in tokens."""
-    from dialogsum.metrics import aggregate, score_rows
-    from dialogsum.stats import bootstrap_mean
+    from dialogsum.metrics import role_scores
 
-    rows = score_rows(predictions, data.summaries)
-    interval = bootstrap_mean([r["final"] for r in rows])
+    metrics, rows = role_scores(prefix, predictions, data.summaries)
     gen_len = sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in predictions) / max(len(predictions), 1)
-    metrics = {f"{prefix}_{k}": v for k, v in aggregate(rows).items()}
-    metrics.update({f"{prefix}_final_ci95_low": interval.low, f"{prefix}_final_ci95_high": interval.high, f"{prefix}_gen_len": gen_len})
+    metrics[f"{prefix}_gen_len"] = gen_len
     return EpochResult(0, metrics, predictions, rows)
 
 
