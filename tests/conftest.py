@@ -207,3 +207,22 @@ def module_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         _use_store(mp, root)
         yield root
         _end_active_runs()
+
+
+@pytest.fixture
+def third_training_fails(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """The third `run_training` call of the test raises RuntimeError("injected failure in training 3"), standing in for
+    any real failure of a training; the returned function restores the real one."""
+    import dialogsum.training.recipe
+
+    real = dialogsum.training.recipe.run_training
+    calls = []
+
+    def fails_on_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected failure in training 3")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dialogsum.training.recipe, "run_training", fails_on_the_third)
+    return lambda: monkeypatch.setattr(dialogsum.training.recipe, "run_training", real)

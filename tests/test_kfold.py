@@ -7,7 +7,6 @@ import mlflow
 import pytest
 from typer.testing import CliRunner
 
-import dialogsum.training.recipe
 from dialogsum.cli import app
 from dialogsum.data import read_dialogues, sample_data_path
 from dialogsum.sweeps.kfold import FOLD_TAG, OOF_ARTIFACT, OOF_ROWS_TAG, KFoldError, fold_assignment
@@ -21,23 +20,13 @@ def _children(parent: str) -> list:
     return mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.mlflow.parentRunId = '{parent}'", output_format="list")
 
 
-def test_three_folds_give_three_children_and_out_of_fold_predictions_for_every_row_once(mlflow_store, monkeypatch):
-    real = dialogsum.training.recipe.run_training
-    calls = []
-
-    def third_fold_fails(*args, **kwargs):  # a training that raises, standing in for any real failure
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("injected failure in fold 2")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(dialogsum.training.recipe, "run_training", third_fold_fails)
+def test_three_folds_give_three_children_and_out_of_fold_predictions_for_every_row_once(mlflow_store, third_training_fails):
     first = CliRunner().invoke(app, ["kfold", "--model", "kobart-tiny", "--folds", "3", *SETTINGS])
-    assert first.exit_code == 1 and "injected failure in fold 2" in str(first.exception)
+    assert first.exit_code == 1 and "injected failure in training 3" in str(first.exception)
     [parent] = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.`{KIND_TAG}` = 'kfold'", output_format="list")
     assert parent.info.status == "FAILED"
 
-    monkeypatch.setattr(dialogsum.training.recipe, "run_training", real)
+    third_training_fails()  # restore the real training
     resumed = CliRunner().invoke(app, ["kfold", "--model", "kobart-tiny", "--folds", "3", "--resume", parent.info.run_id, *SETTINGS])
     assert resumed.exit_code == 0, resumed.output
     assert "3-fold val_final" in resumed.output

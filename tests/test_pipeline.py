@@ -142,7 +142,7 @@ def test_tune_and_kfold_steps_nest_their_runs_under_their_step_and_the_report_te
               "data": {"train": str(sample_data_path("train")), "test": str(sample_data_path("dev")), "validation_fraction": 0.2},
               "models": [{"name": "kobart-tiny"}], "steps": ["tune", "kfold"],
               "tune": {"model": "kobart-tiny", "space": str(space), "trials": 2, "pruner": "none", "sampler": "random", "metric": "val_loss"},
-              "kfold": {"model": "kobart-tiny", "folds": 2, "overrides": {"training.epochs": 1, "generation.max_new_tokens": 4,
+              "kfold": {"model": "kobart-tiny", "folds": 2, "overrides": {"training.epochs": 1, "generation.max_new_tokens": 4, "training.max_train_samples": 12,
                                                                           "generation.num_beams": 1, "training.max_test_samples": 2}},
               "timeouts": {"tune": 400, "kfold": 400}}  # fmt: skip
     path = tmp_path / "sweeps.yaml"
