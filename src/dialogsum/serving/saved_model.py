@@ -248,8 +248,7 @@ def _adapter_model(folder: Path, info: SavedModel, tokenizer, device: str, dtype
 
 
 def _base_words(base: BaseReference) -> str:
-    where = "bundled in the folder (random init)" if base.source == "bundled" else f"{base.path}@{(base.revision or 'unpinned')[:12]}"
-    return where
+    return "bundled in the folder (random init)" if base.source == "bundled" else f"{base.path}@{(base.revision or 'unpinned')[:12]}"
 
 
 def describe(folder: str | Path) -> dict[str, Any]:

@@ -185,9 +185,8 @@ def make_objective(settings: TuneSettings, space: SearchSpace, parent_run_id: st
     from dialogsum.training.recipe import train_model
 
     def objective(trial: optuna.Trial) -> float:
-        live = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
-                                                               optuna.trial.TrialState.RUNNING))  # fmt: skip
-        if len([t for t in live if not t.user_attrs.get(OVER_CAP_ATTR)]) > settings.trials:  # another worker took the last one
+        live = counted_trials(trial.study, (*finished_states(), optuna.trial.TrialState.RUNNING))
+        if len(live) > settings.trials:  # another worker took the last one
             trial.set_user_attr(OVER_CAP_ATTR, True)
             trial.study.stop()
             raise optuna.TrialPruned("over the study's trial cap")
@@ -275,16 +274,15 @@ def run_study(settings: TuneSettings) -> str:
     study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction=settings.direction,
                                 sampler=sampler_for(settings.sampler, settings.seed), pruner=pruner_for(settings.pruner))  # fmt: skip
     parent = study_parent(study, storage, settings)
-    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     with tracked_run(kind="tune", run_id=parent):
         objective = (make_generation_objective if settings.from_run else make_objective)(settings, space, parent)
         while True:  # failed trials do not count: run until the cap of finished ones, or as many failures
             trials = counted_trials(study)
-            remaining = settings.trials - sum(t.state in done for t in trials)
+            remaining = settings.trials - sum(t.state in finished_states() for t in trials)
             if remaining <= 0 or sum(t.state == optuna.trial.TrialState.FAIL for t in trials) >= settings.trials:
                 break
             study.optimize(objective, n_trials=remaining, catch=(Exception,), gc_after_trial=True,
-                           callbacks=[optuna.study.MaxTrialsCallback(settings.trials, states=done)])  # fmt: skip
+                           callbacks=[optuna.study.MaxTrialsCallback(settings.trials, states=finished_states())])  # fmt: skip
         log_study_summary(study, settings)
         from dialogsum.sweeps.report import write_study_report
 
@@ -292,9 +290,17 @@ def run_study(settings: TuneSettings) -> str:
     return parent
 
 
-def counted_trials(study) -> list:
-    """The study's trials without the ones a worker started over the cap (they never trained)."""
-    return [t for t in study.get_trials() if not t.user_attrs.get(OVER_CAP_ATTR)]
+def finished_states() -> tuple:
+    """The trial states that count toward `--trials`: complete and pruned (a failed trial does not)."""
+    import optuna
+
+    return (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+def counted_trials(study, states=None) -> list:
+    """The study's trials (in `states`, default all) without the ones a worker started over the cap (they never
+    trained)."""
+    return [t for t in study.get_trials(deepcopy=False, states=states) if not t.user_attrs.get(OVER_CAP_ATTR)]
 
 
 def log_study_summary(study, settings: TuneSettings) -> None:
@@ -318,11 +324,10 @@ def log_study_summary(study, settings: TuneSettings) -> None:
     mlflow.set_tag(STATUS_TAG, "succeeded" if complete else "failed")
     if not complete:
         return
-    best = max(complete, key=lambda t: t.value if settings.direction == "maximize" else -t.value)
+    best = study.best_trial
     mlflow.log_metrics({f"best_{settings.metric}": best.value, "best_trial": best.number})
     mlflow.set_tags({"dialogsum.best_trial_run": best.user_attrs.get(RUN_ATTR, "")})
-    space_fixed = {**settings.overrides}
-    overrides = {**space_fixed, **best.params}
+    overrides = {**settings.overrides, **best.params}
     mlflow.log_text(yaml.safe_dump(overrides, allow_unicode=True, sort_keys=True), BEST_OVERRIDES_ARTIFACT)
     mlflow.log_text(" ".join(f"--set {k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in sorted(overrides.items())),
                     BEST_SET_LINE_ARTIFACT)  # fmt: skip
