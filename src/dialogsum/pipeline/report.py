@@ -22,7 +22,6 @@ from dialogsum.pipeline.matrix import build_matrix, html_page, matrix_html, pivo
 from dialogsum.pipeline.report_figures import curves_png, matrix_png, timeline_png
 from dialogsum.pipeline.store import best_train_run, find_child, latest_children
 from dialogsum.sweeps.report import study_inputs
-from dialogsum.sweeps.tune import TRIALS_TABLE as STUDY_RESULT
 from dialogsum.tracking import KIND_TAG, MODEL_TAG, REASON_TAG, STATUS_TAG, VAL_ROWS_TAG, run_metric
 
 SCORED_KINDS = ("train", "solar", "ensemble")
@@ -236,8 +235,10 @@ def write_report(parent_id: str, out_dir: Path | None = None) -> str:
             files["curves"] = curve_file
         studies = {}
         for run in children:
-            if run.data.tags.get(KIND_TAG) == "tune" and STUDY_RESULT in {a.path for a in client.list_artifacts(run.info.run_id)}:
-                trials, set_line, plot = study_inputs(run.info.run_id, folder / "studies" / run.info.run_id)
+            if run.data.tags.get(KIND_TAG) != "tune":
+                continue
+            trials, set_line, plot = study_inputs(run.info.run_id, folder / "studies" / run.info.run_id)
+            if trials is not None:  # a study that logged its trials table
                 studies[run.info.run_id] = (trials, set_line)
                 if plot is not None:
                     files[f"study:{run.info.run_id}"] = plot
