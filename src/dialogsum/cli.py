@@ -280,9 +280,11 @@ def evaluate_solar(
 def pipeline(
     config: Annotated[Optional[str], typer.Option(help="Pipeline YAML path, or the name of a packaged one (quickstart, seed-full)")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Parent run id: rerun only children that failed or never ran (a training stopped mid-way continues from its checkpoint)")] = None,
+    executor: Annotated[Optional[str], typer.Option(help="local (one stage at a time, here) or ray (stages as Ray tasks, at once where the cluster allows); overrides the config's")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(help="The Ray cluster (ray://host:10001, host:6379, auto); unset: a Ray started here")] = None,
 ) -> None:
     """Run the full pipeline: preflight, one child run per model and step, matrix and report on the parent.
-    SIGINT/SIGTERM stops the running stage (SIGTERM, SIGKILL after timeouts.grace), ends the runs KILLED; exit 130."""
+    SIGINT/SIGTERM stops the running stages (SIGTERM, SIGKILL after timeouts.grace), ends the runs KILLED; exit 130."""
     from dialogsum.config import ConfigError
     from dialogsum.pipeline.orchestrator import run_pipeline
     from dialogsum.tracking import Terminated, TrackingError, ui_hint
@@ -290,7 +292,7 @@ def pipeline(
     if (config is None) == (resume is None):
         _fail(ValueError("give exactly one of --config or --resume"))
     try:
-        parent_id = run_pipeline(config, resume_run_id=resume)
+        parent_id = run_pipeline(config, resume_run_id=resume, executor=executor, ray_address=ray_address)
     except (ConfigError, TrackingError) as e:
         _fail(e)
     except (KeyboardInterrupt, Terminated):
@@ -403,23 +405,39 @@ def tune(
     validation_data: Annotated[Optional[Path], typer.Option(help="Labelled CSV the trials are scored on (default: held out of the training rows)")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Config override every trial gets, key=value (repeatable)")] = None,
     from_run: Annotated[str, typer.Option(help="For a space of generation.* keys only: re-generate this training run's validation rows with its model, no training")] = "",
+    executor: Annotated[str, typer.Option(help="local (this process is the one worker) or ray (--workers workers as Ray tasks)")] = "local",
+    workers: Annotated[int, typer.Option(help="With --executor ray: study workers, one GPU each when the cluster has GPUs", min=1)] = 1,
+    ray_address: Annotated[Optional[str], typer.Option(help="The Ray cluster (ray://host:10001, host:6379, auto); unset: a Ray started here")] = None,
 ) -> None:
     """An Optuna study: one parent run, one child training run per trial, pruned per epoch on validation (or, with
-    --from-run, generation settings tried on one trained model)."""
+    --from-run, generation settings tried on one trained model). With --executor ray, --workers processes share it."""
     import mlflow
 
     from dialogsum.config import ConfigError, parse_set_options
     from dialogsum.sweeps.tune import TuneError, TuneSettings, run_study
-    from dialogsum.tracking import TrackingError, ui_hint
+    from dialogsum.tracking import Terminated, TrackingError, ui_hint
 
+    if executor not in ("local", "ray"):
+        _fail(ValueError(f"--executor {executor}: choose local or ray"))
+    if executor == "local" and (workers > 1 or ray_address):
+        _fail(ValueError("--workers and --ray-address need --executor ray (or start more `dialogsum tune` processes with "
+                         "the same --study and --storage)"))  # fmt: skip
     try:
         settings = TuneSettings(model=model, space=space, trials=trials, study=study or None, storage=storage or None, sampler=sampler,
                                 pruner=pruner, metric=metric, seed=seed, train_path=str(train_data) if train_data else None,
                                 validation_path=str(validation_data) if validation_data else None,
                                 overrides=parse_set_options(set_ or []), from_run=from_run or None)  # fmt: skip
-        parent = run_study(settings)
+        if executor == "ray":
+            from dialogsum.sweeps.workers import run_ray_workers
+
+            parent = run_ray_workers(settings, workers, ray_address)
+        else:
+            parent = run_study(settings)
     except (ConfigError, TuneError, TrackingError) as e:
         _fail(e)
+    except (KeyboardInterrupt, Terminated):
+        console.print("[red]interrupted[/red]: the workers were stopped and their runs ended KILLED", soft_wrap=True)
+        raise typer.Exit(130)
     metrics = mlflow.get_run(parent).data.metrics
     counts = ", ".join(f"{int(metrics.get(f'trials_{k}', 0))} {k}" for k in ("complete", "pruned", "failed"))
     best = metrics.get(f"best_{metric}")

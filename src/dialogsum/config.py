@@ -114,6 +114,14 @@ class CheckpointSettings(StrictModel):
     keep: Literal["both", "last", "best", "none"] = "both"
 
 
+class ResourceSettings(StrictModel):
+    """What a training of this model asks of a Ray cluster (`executor: ray`); the local executor ignores it."""
+
+    gpus: float | None = Field(None, ge=0, description="GPUs per training; unset: as many as preflight's memory estimate needs "
+                                                        "at the cluster's per-GPU memory (none on a CPU cluster)")
+    cpus: float = Field(1.0, gt=0, description="CPU cores per training")
+
+
 class TokenizerSettings(StrictModel):
     """Where the tokenizer comes from: `path` (a folder or hub id); when unset, the model's hub id, or for a
     config-source model a tokenizer trained from the training data at first use (cached, `vocab_size`)."""
@@ -143,6 +151,7 @@ class ModelConfig(StrictModel):
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings)
+    resources: ResourceSettings = Field(default_factory=ResourceSettings)
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "ModelConfig":
@@ -336,6 +345,7 @@ PipelineStep = Literal["train", "tune", "kfold", "evaluate_solar", "ensemble", "
 class PipelineModel(StrictModel):
     name: str
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted config keys, as with --set")
+    timeout: float | None = Field(None, gt=0, description="seconds this model's training may run (default: timeouts.train)")
 
 
 class PipelineData(StrictModel):
@@ -409,6 +419,14 @@ class StageTimeouts(StrictModel):
     grace: float = 30
 
 
+class RaySettings(StrictModel):
+    """`executor: ray`: where the cluster is and how much of it the pipeline takes."""
+
+    address: str | None = Field(None, description="ray://host:10001, host:6379 or auto; unset: start a Ray on this machine")
+    max_concurrency: int | None = Field(None, ge=1, description="trainings running at once (unset: as many as the cluster fits)")
+    stage_cpus: float = Field(1.0, gt=0, description="CPU cores each later step (ensemble, optimize, ...) asks for")
+
+
 class PipelineConfig(StrictModel):
     name: str
     description: str = ""
@@ -423,6 +441,8 @@ class PipelineConfig(StrictModel):
     optimize: OptimizeStep = Field(default_factory=OptimizeStep)
     register_: RegisterStep = Field(default_factory=RegisterStep, alias="register")
     timeouts: StageTimeouts = Field(default_factory=StageTimeouts)
+    executor: Literal["local", "ray"] = "local"
+    ray: RaySettings = Field(default_factory=RaySettings)
 
     @model_validator(mode="after")
     def _check_models(self) -> "PipelineConfig":

@@ -55,6 +55,7 @@ CLOSE_BUDGET_ENV = "DIALOGSUM_CLOSE_BUDGET_S"
 DEFAULT_CLOSE_BUDGET_S = 120.0  # how long a finishing run waits for an unreachable store to come back
 MLFLOW_STATUS = {"succeeded": "FINISHED", "skipped": "FINISHED", "killed": "KILLED", "failed": "FAILED", "pruned": "KILLED"}
 PRUNED_AT_TAG = "dialogsum.pruned_at_epoch"
+STARTED_AT_TAG = "dialogsum.started_at"  # epoch ms when a stage queued on a Ray cluster got its resources and started
 
 
 class RunPruned(Exception):

@@ -10,19 +10,13 @@ from __future__ import annotations
 
 from html import escape
 
-from dialogsum.pipeline.store import latest_children
+from dialogsum.pipeline.store import duration_s, latest_children
 from dialogsum.tracking import KIND_TAG, MODEL_TAG, STATUS_TAG, run_metric, stage_time_metric
 
 STAGE_ORDER = ["preflight", "train", "validate", "solar", "ensemble", "optimize", "register", "predict"]
 STATUS_COLOURS = {"succeeded": "#b7e1b5", "failed": "#f4b6b0", "skipped": "#e3e3e3", "killed": "#f7d59c",
                   "blocked": "#f4b6b0", "not reached": "#f3f3f3"}  # fmt: skip
 COLUMNS = ["model", "stage", "status", "val_final", "test_final", "error_type", "duration_s", "run_id"]
-
-
-def _duration_s(run) -> float | None:
-    if run.info.end_time is None:
-        return None
-    return (run.info.end_time - run.info.start_time) / 1000
 
 
 def _scores(run) -> dict[str, float | None]:
@@ -37,14 +31,14 @@ def _train_rows(run) -> list[dict]:
     base = {"model": tags.get(MODEL_TAG, run.info.run_name), "run_id": run.info.run_id}
     none = {"val_final": None, "test_final": None}
     if failed_stage == "preflight":
-        return [{**base, "stage": "preflight", "status": "blocked", **none, "error_type": error_type, "duration_s": _duration_s(run)}]
+        return [{**base, "stage": "preflight", "status": "blocked", **none, "error_type": error_type, "duration_s": duration_s(run)}]
     evaluated = failed_stage in ("validate", "test", "save")
     train_status = "succeeded" if status == "succeeded" or evaluated else status
     validate_status = "succeeded" if status == "succeeded" else (status if evaluated else "not reached")
     return [
         {**base, "stage": "preflight", "status": "succeeded", **none, "error_type": None, "duration_s": None},
         {**base, "stage": "train", "status": train_status, **none, "error_type": error_type if train_status != "succeeded" else None,
-         "duration_s": _duration_s(run)},
+         "duration_s": duration_s(run)},
         {**base, "stage": "validate", "status": validate_status, **_scores(run), "error_type": error_type if evaluated else None,
          "duration_s": (metrics.get(stage_time_metric("validate")) or 0) + (metrics.get(stage_time_metric("test")) or 0) or None},
     ]  # fmt: skip
@@ -62,7 +56,7 @@ def build_matrix(parent_id: str):
             continue
         rows.append({"model": run.data.tags.get(MODEL_TAG, run.info.run_name), "stage": kind,
                      "status": run.data.tags.get(STATUS_TAG, "unknown"), **_scores(run),
-                     "error_type": run.data.tags.get("error.type"), "duration_s": _duration_s(run), "run_id": run.info.run_id})  # fmt: skip
+                     "error_type": run.data.tags.get("error.type"), "duration_s": duration_s(run), "run_id": run.info.run_id})  # fmt: skip
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

@@ -4,19 +4,26 @@
    validation chooses, test reports, predict is summarised for the submission. Without a validation file,
    `validation_fraction` of the train rows (by fname hash) become validation; every child reads the same files,
    so every score of the pipeline is on the same rows.
-1. Preflight every model at once; each blocked model becomes a FAILED child within seconds (no weights loaded).
-2. Each remaining model trains in its own subprocess, logging into a child run created here
-   (`$MLFLOW_RUN_ID`), so a crash, OOM or leaked GPU memory cannot touch the next model; a stage that outlives
-   its timeout is killed and the child records why.
-3. Later steps (evaluate_solar, ensemble, optimize, register, predict) run the same way, or become SKIPPED
-   children when their preconditions are missing (no API key, fewer than two usable sources, no successful model).
+1. Preflight every model at once, on the device the stages will get (this machine's, or the one the Ray cluster
+   reports); each blocked model becomes a FAILED child within seconds (no weights loaded).
+2. Each remaining model trains in its own process (a stage), logging into a child run created as it starts
+   (`$MLFLOW_RUN_ID`), so a crash, OOM or leaked GPU memory cannot touch another model; a stage that outlives its
+   timeout (`timeouts.train`, or the model's own `timeout`) is killed and the child records why. The steps that need
+   only the data (tune, kfold, evaluate_solar) are stages of the same round.
+3. Then ensemble and optimize, then register, then predict, each round when the one before has ended; a step whose
+   preconditions are missing becomes a SKIPPED child (no API key, fewer than two usable sources, no successful model).
 4. The parent logs the success/failure matrix, summary metrics and tags, the best model, and the report.
 
+Where stages run is the executor's business (`dialogsum.pipeline.executors`): `local` runs a round's stages one
+after another here; `ray` runs them as Ray tasks, at once where the cluster's resources and `ray.max_concurrency`
+allow. Tracking, failure semantics and resume are the same for both.
+
 `--resume PARENT_RUN_ID` reruns, under the same parent, only the children that failed or never ran; a training
-killed or timed out mid-way continues from its last checkpoint in the same child run (`train --resume`), and when a
-model newly succeeds, the later steps run again as new children (the old ones tagged `dialogsum.superseded_by`).
-SIGINT/SIGTERM stops the running stage's process group (grace period `timeouts.grace`), records the stages not
-started as skipped, writes the report and ends the parent KILLED.
+killed, lost or timed out mid-way continues from its last checkpoint in the same child run (`train --resume`), and
+when a model newly succeeds, the steps that use the trainings run again as new children (the old ones tagged
+`dialogsum.superseded_by`). SIGINT/SIGTERM stops the running stages' process groups (grace period
+`timeouts.grace`) and ends their runs KILLED, records the stages not started as skipped, writes the report and
+ends the parent KILLED.
 """
 
 from __future__ import annotations
@@ -30,9 +37,9 @@ import yaml
 
 from dialogsum.config import ConfigError, PipelineConfig, PipelineModel, load_pipeline_config, parse_config
 from dialogsum.data import DataRoles, load_data_roles, read_dialogues, sample_data_path, write_dialogues
-from dialogsum.pipeline.executors import Interrupted, LocalExecutor, log_tail
+from dialogsum.pipeline.executors import LOG_ARTIFACT_DIR, Interrupted, LocalExecutor, Stage, StageProcess
 from dialogsum.pipeline.store import SELECTION_METRIC, SUPERSEDED_TAG, best_train_run, find_child, latest_children, succeeded
-from dialogsum.preflight import Verdict, run_preflight
+from dialogsum.preflight import GIB, Verdict, run_preflight
 from dialogsum.tracking import (
     Terminated,
     KIND_TAG,
@@ -54,7 +61,7 @@ DATA_ARTIFACT_DIR = "data"
 ROLE_FILES = ("train", "validation", "test", "predict")
 SUBMISSION_FILE = "submission.csv"
 INTERRUPTED_REASON = "pipeline interrupted before this stage started"
-RESUMABLE_ERRORS = ("ProcessDied", "StageTimeout", "Interrupted")  # stopped from outside, mid-training
+RESUMABLE_ERRORS = ("ProcessDied", "StageTimeout", "Interrupted", "WorkerLost")  # stopped from outside, mid-training
 LATER_STEPS = ("tune", "kfold", "evaluate_solar", "ensemble", "optimize", "register", "predict")
 
 
@@ -78,36 +85,41 @@ def _set_args(overrides: dict) -> list[str]:
     return [arg for key, value in overrides.items() for arg in ("--set", f"{key}={json.dumps(value, ensure_ascii=False)}")]
 
 
-def _run_stage(executor: LocalExecutor, run_id: str, stage: str, command: list[str], timeout_s: float,
-               log_dir: Path) -> StageOutcome:  # fmt: skip
-    """Run `python -m dialogsum <command>` logging into `run_id`; close the run if the process could not."""
+def _close_stage(s: Stage, done: StageProcess) -> str:
+    """Close a stage's run as its process left it; close it for the process when it could not. Returns the status."""
     import mlflow
 
-    log_path = log_dir / f"{stage}-{run_id}.log"
-    client = mlflow.MlflowClient()
-    try:
-        done = executor.run(run_id, command, timeout_s, log_path)
-    except Interrupted as e:
-        client.log_artifact(run_id, str(log_path), "logs")
-        run = client.get_run(run_id)
-        close_run(run_id, "killed", run.data.tags.get(STAGE_TAG, stage), "Interrupted", f"{e}; log tail:\n{e.log_tail}")
-        raise
-    client.log_artifact(run_id, str(log_path), "logs")
-    run = client.get_run(run_id)
+    run_id, stage = s.run_id, s.kind
+    run = mlflow.MlflowClient().get_run(run_id)
     status = run.data.tags.get(STATUS_TAG, "pending")
+    where = run.data.tags.get(STAGE_TAG, stage)
+    if done.error is not None:
+        close_run(run_id, "failed", where, *done.error)
+        return "failed"
     if done.timed_out:
-        message = f"{stage} exceeded its {timeout_s:.0f} s timeout and was killed after {done.elapsed_s:.0f} s"
-        close_run(run_id, "failed", run.data.tags.get(STAGE_TAG, stage), "StageTimeout", message)
-        return StageOutcome(run_id, "failed")
+        message = f"{stage} exceeded its {s.timeout_s:.0f} s timeout and was killed after {done.elapsed_s:.0f} s"
+        close_run(run_id, "failed", where, "StageTimeout", message)
+        return "failed"
     if run.info.status == "RUNNING" or status in ("pending", "running"):
         if done.returncode == 0:
             close_run(run_id, "succeeded", stage)
-            return StageOutcome(run_id, "succeeded")
+            return "succeeded"
         cause = f"signal {-done.returncode}" if done.returncode < 0 else f"exit code {done.returncode}"
-        close_run(run_id, "failed", run.data.tags.get(STAGE_TAG, stage), "ProcessDied",
-                  f"{stage} process ended with {cause} before closing its run; log tail:\n{log_tail(log_path)}")  # fmt: skip
-        return StageOutcome(run_id, "failed")
-    return StageOutcome(run_id, status)
+        close_run(run_id, "failed", where, "ProcessDied",
+                  f"{stage} process ended with {cause} before closing its run; log tail:\n{done.log_tail}")  # fmt: skip
+        return "failed"
+    return status
+
+
+def _close_unfinished(stages: list[Stage], status: str, error_type: str, message: str, log_tails: dict[str, str]) -> None:
+    """Close the runs of stages that started and never finished (the pipeline was interrupted, or its executor failed)."""
+    import mlflow
+
+    for stage in stages:
+        run = mlflow.MlflowClient().get_run(stage.run_id)
+        tail = log_tails.get(stage.run_id)
+        detail = f"log tail:\n{tail}" if tail else f"its log is the run's {LOG_ARTIFACT_DIR}/ artifact"
+        close_run(stage.run_id, status, run.data.tags.get(STAGE_TAG, stage.kind), error_type, f"{message}; {detail}")
 
 
 def _record_blocked(parent_id: str, verdict: Verdict) -> str:
@@ -163,49 +175,83 @@ def downloaded_roles(parent_id: str, folder: Path) -> RoleFiles:
 # --- the pipeline -------------------------------------------------------------------------------------------
 
 
+INDEPENDENT_STEPS = ("tune", "kfold", "evaluate_solar")  # need only the data: they run beside the trainings
+DEPENDENT_STEPS = (("ensemble", "optimize"), ("register",), ("predict",))  # each group waits for the ones before
+
+
 class Pipeline:
-    def __init__(self, cfg: PipelineConfig, parent_id: str, files: RoleFiles, log_dir: Path):
+    def __init__(self, cfg: PipelineConfig, parent_id: str, files: RoleFiles, executor, folder: Path):
         self.cfg = cfg
         self.parent_id = parent_id
         self.files = files
-        self.log_dir = log_dir
-        self.executor = LocalExecutor(cfg.timeouts.grace)
+        self.folder = folder  # the role files are in folder/data; the submission is written here
+        self.executor = executor
         self.unstarted: list[tuple[str, str]] = []  # (kind, name) of the stages not started yet
-        self.changed = False  # a model succeeded in this invocation: the later steps see new sources
+        self.superseded: dict[str, str] = {}  # stage name -> the run of the step it reruns
+        self.in_flight: list[Stage] = []  # started, not finished
+        self.changed = False  # a model succeeded in this invocation: the steps that use trainings run again
+        self.console = None
 
     def run(self, resume: bool) -> None:
-        """Train the models, then the later steps. With `resume`, only what did not succeed runs again (a training
-        stopped mid-way continues from its checkpoint), and when a model newly succeeds, every later step runs
-        again as a new child that supersedes the old one. On SIGINT/SIGTERM the running stage is stopped and the
-        stages not started yet are recorded as skipped."""
-        import mlflow
+        """The trainings and the steps that need only the data (tune, kfold, evaluate_solar) first, at once where
+        the executor allows; then ensemble and optimize, register, predict, each group when the one before has
+        ended. With `resume`, only what did not succeed runs again (a training stopped mid-way continues from its
+        checkpoint), and when a model newly succeeds, every step that uses the trainings runs again as a new child
+        that supersedes the old one. On SIGINT/SIGTERM the running stages are stopped (their runs end KILLED) and
+        the stages not started yet are recorded as skipped."""
         from rich.console import Console
 
-        console = Console(stderr=True)
+        self.console = Console(stderr=True)
         children = latest_children(self.parent_id) if resume else []
         todo = [m for m in self.cfg.models if not succeeded(find_child(children, "train", self._canonical(m)))]
-        steps = [s for s in LATER_STEPS if s in self.cfg.steps]
-        self.unstarted = [("train", self._canonical(m)) for m in todo] if "train" in self.cfg.steps else []
-        self.unstarted += [(_STEP_KIND[s], s) for s in steps]
+        train = "train" in self.cfg.steps
+        self.unstarted = [("train", self._canonical(m)) for m in todo] if train else []
+        self.unstarted += [(_STEP_KIND[s], s) for s in LATER_STEPS if s in self.cfg.steps]
         try:
-            if "train" in self.cfg.steps:
-                self._train_models(todo, children, console)
-            children = latest_children(self.parent_id)
-            for step in steps:
-                self.unstarted.remove((_STEP_KIND[step], step))
-                previous = find_child(children, _STEP_KIND[step])
-                if succeeded(previous) and not self.changed:
-                    continue
-                console.print(f"[bold]{step}[/bold] ...")
-                new_id = getattr(self, f"_step_{step}")(children)
-                if previous is not None and self.changed:
-                    mlflow.MlflowClient().set_tag(previous.info.run_id, SUPERSEDED_TAG, new_id)
-                children = latest_children(self.parent_id)
+            stages = self._training_stages(todo, children) if train else []
+            self._run_stages(stages + self._step_stages(INDEPENDENT_STEPS, children))
+            for group in DEPENDENT_STEPS:
+                self._run_stages(self._step_stages(group, latest_children(self.parent_id)))
         except (KeyboardInterrupt, Terminated):
             for kind, name in self.unstarted:
                 _record_skipped(self.parent_id, name, kind, INTERRUPTED_REASON)
-            console.print(f"[red]interrupted[/red]: {len(self.unstarted)} stage(s) not started, recorded as skipped")
+            self.console.print(f"[red]interrupted[/red]: {len(self.unstarted)} stage(s) not started, recorded as skipped")
             raise
+
+    def _run_stages(self, stages: list[Stage]) -> None:
+        """Run `stages` through the executor; whatever stops it, no stage that started is left with a RUNNING run."""
+        try:
+            self.executor.run_all(stages, self._started, self._finished, self.cfg.ray.max_concurrency)
+        except Interrupted as e:
+            _close_unfinished(self.in_flight, "killed", "Interrupted", str(e), e.log_tails)
+            raise
+        except (KeyboardInterrupt, Terminated) as e:  # between two stages
+            _close_unfinished(self.in_flight, "killed", "Interrupted", f"pipeline interrupted ({type(e).__name__})", {})
+            raise
+        except Exception as e:
+            _close_unfinished(self.in_flight, "failed", "ExecutorError", f"the {self.cfg.executor} executor failed: "
+                              f"{type(e).__name__}: {e}", {})  # fmt: skip
+            raise
+
+    def _started(self, stage: Stage) -> None:
+        """A stage starts: its child run is created now (a resumed training has its own), the run it reruns is
+        marked superseded."""
+        import mlflow
+
+        self.unstarted.remove((stage.kind, stage.name if stage.kind == "train" else _STEP_OF_KIND.get(stage.kind, stage.kind)))
+        if stage.run_id is None:
+            stage.run_id = create_child_run(self.parent_id, stage.name, stage.kind, {MODEL_TAG: stage.name})
+        self.in_flight.append(stage)
+        previous = self.superseded.get(stage.name)
+        if previous:
+            mlflow.MlflowClient().set_tag(previous, SUPERSEDED_TAG, stage.run_id)
+        self.console.print(f"[bold]{stage.kind}[/bold] {stage.name} → run {stage.run_id}")
+
+    def _finished(self, stage: Stage, done: StageProcess) -> None:
+        self.in_flight.remove(stage)
+        status = _close_stage(stage, done)
+        self.changed |= stage.kind == "train" and status == "succeeded"
+        self.console.print(f"  {stage.name}: {status}")
 
     @staticmethod
     def _canonical(model: PipelineModel) -> str:
@@ -220,48 +266,78 @@ class Pipeline:
         args = ["--train-data", str(self.files.train), "--validation-data", str(self.files.validation)]
         return args + (["--test-data", str(self.files.test)] if self.files.test else [])
 
-    def _train_models(self, models: list[PipelineModel], children: list, console) -> None:
+    def _training_stages(self, models: list[PipelineModel], children: list) -> list[Stage]:
+        """Preflight every model on the executor's device (a blocked one becomes a FAILED child now), and a stage
+        for each of the others: a new training, or the resumption of one stopped mid-way."""
         data_paths = [p for p in (self.files.train, self.files.validation, self.files.test) if p]
-        verdicts = run_preflight([m.name for m in models], data_paths, {m.name: m.overrides for m in models})
+        verdicts = run_preflight([m.name for m in models], data_paths, {m.name: m.overrides for m in models},
+                                 device=self.executor.device())  # fmt: skip
+        stages = []
         for model, verdict in zip(models, verdicts):
-            self.unstarted.remove(("train", self._canonical(model)))
             if not verdict.ok:
+                self.unstarted.remove(("train", self._canonical(model)))
                 _record_blocked(self.parent_id, verdict)
-                console.print(f"[red]blocked[/red] {verdict.model}: {'; '.join(verdict.reasons)}")
+                self.console.print(f"[red]blocked[/red] {verdict.model}: {'; '.join(verdict.reasons)}")
                 continue
-            name = verdict.config.name if verdict.config else model.name
-            previous = find_child(children, "train", name)
+            cfg = verdict.config
+            assert cfg is not None
+            estimate = verdict.estimate_gib * GIB if verdict.estimate_gib is not None else None
+            resources = self.executor.resources("train", cfg.resources.gpus, cfg.resources.cpus, estimate)
+            previous = find_child(children, "train", cfg.name)
             if resumable(previous):
                 run_id = previous.info.run_id
+                self.console.print(f"[bold]train[/bold] {cfg.name} → resuming run {run_id} from epoch "
+                                   f"{previous.data.tags[CHECKPOINT_EPOCH_TAG]}")  # fmt: skip
                 command = ["train", "--resume", run_id, *self._data_args()]
-                console.print(f"[bold]train[/bold] {name} → resuming run {run_id} from epoch "
-                              f"{previous.data.tags[CHECKPOINT_EPOCH_TAG]}")  # fmt: skip
             else:
-                run_id = create_child_run(self.parent_id, name, "train", {MODEL_TAG: name})
-                command = ["train", "--model", name, *self._data_args(), *_set_args(model.overrides)]
-                console.print(f"[bold]train[/bold] {name} → run {run_id}")
-            outcome = _run_stage(self.executor, run_id, "train", command, self.cfg.timeouts.train, self.log_dir)
-            self.changed |= outcome.status == "succeeded"
-            console.print(f"  {name}: {outcome.status}")
+                run_id = None
+                command = ["train", "--model", cfg.name, *self._data_args(), *_set_args(model.overrides)]
+            timeout = model.timeout or self.cfg.timeouts.train
+            stages.append(Stage("train", cfg.name, command, timeout, resources, "train", run_id))
+        return stages
 
-    def _step_tune(self, children: list) -> str:  # noqa: ARG002 - every step takes the children
+    def _step_stages(self, steps: tuple[str, ...], children: list) -> list[Stage]:
+        """A stage for each configured step of `steps` that must run: it never succeeded, or it uses the trainings
+        and a model newly succeeded. A step whose preconditions are missing is recorded SKIPPED instead."""
+        import mlflow
+
+        stages = []
+        for step in (s for s in steps if s in self.cfg.steps):
+            kind = _STEP_KIND[step]
+            previous = find_child(children, kind)
+            rerun = self.changed and step not in INDEPENDENT_STEPS
+            if succeeded(previous) and not rerun:
+                self.unstarted.remove((kind, step))
+                continue
+            made = getattr(self, f"_step_{step}")(children)
+            if isinstance(made, Stage):
+                if previous is not None and rerun:
+                    self.superseded[made.name] = previous.info.run_id
+                stages.append(made)
+                continue
+            self.unstarted.remove((kind, step))
+            if previous is not None and rerun:
+                mlflow.MlflowClient().set_tag(previous.info.run_id, SUPERSEDED_TAG, made)
+        return stages
+
+    def _step_tune(self, children: list) -> Stage:  # noqa: ARG002 - every step takes the children
         t = self.cfg.tune
         assert t is not None
         command = ["tune", "--model", t.model, "--space", t.space, "--trials", str(t.trials), "--sampler", t.sampler,
                    "--pruner", t.pruner, "--metric", t.metric, "--study", f"pipeline-{self.parent_id}",
                    "--train-data", str(self.files.train), "--validation-data", str(self.files.validation)]  # fmt: skip
-        return self._spawn(f"tune:{t.model}", "tune", command, self.cfg.timeouts.tune)
+        return self._stage(f"tune:{t.model}", "tune", command, self.cfg.timeouts.tune)
 
-    def _step_kfold(self, children: list) -> str:  # noqa: ARG002 - every step takes the children
+    def _step_kfold(self, children: list) -> Stage:  # noqa: ARG002 - every step takes the children
         k = self.cfg.kfold
         assert k is not None
         command = ["kfold", "--model", k.model, "--folds", str(k.folds), "--group-by", k.group_by, "--train-data", str(self.files.train),
                    *_set_args(k.overrides)]  # fmt: skip
         if self.files.test:
             command += ["--test-data", str(self.files.test)]
-        return self._spawn(f"kfold:{k.model}", "kfold", command, self.cfg.timeouts.kfold)
+        return self._stage(f"kfold:{k.model}", "kfold", command, self.cfg.timeouts.kfold)
 
-    def _step_evaluate_solar(self, children: list) -> str:
+    def _step_evaluate_solar(self, children: list) -> Stage | str:  # noqa: ARG002 - every step takes the children
         from dialogsum.solar.evaluation import MissingApiKey, api_key_from_env
 
         try:
@@ -276,18 +352,18 @@ class Pipeline:
                             ("--concurrency", s.concurrency), ("--rpm", s.rpm)):  # fmt: skip
             if value is not None:
                 command += [flag, str(value)]
-        return self._spawn("solar-api", "solar", command, self.cfg.timeouts.evaluate_solar)
+        return self._stage("solar-api", "solar", command, self.cfg.timeouts.evaluate_solar)
 
-    def _step_ensemble(self, children: list) -> str:
+    def _step_ensemble(self, children: list) -> Stage | str:
         sources = [r for r in children if r.data.tags.get(KIND_TAG) in ("train", "solar") and succeeded(r)]
         if len(sources) < 2:
             names = ", ".join(r.data.tags.get(MODEL_TAG, "?") for r in sources) or "none"
             return _record_skipped(self.parent_id, "ensemble", "ensemble",
                                    f"fewer than two usable sources (succeeded: {names}); an ensemble needs at least two")  # fmt: skip
         command = ["ensemble", "--runs", ",".join(r.info.run_id for r in sources), "--strategy", self.cfg.ensemble.strategy]
-        return self._spawn("ensemble", "ensemble", command, self.cfg.timeouts.ensemble)
+        return self._stage("ensemble", "ensemble", command, self.cfg.timeouts.ensemble)
 
-    def _step_optimize(self, children: list) -> str:
+    def _step_optimize(self, children: list) -> Stage | str:
         best = best_train_run(children)
         if best is None:
             return _record_skipped(self.parent_id, "optimize", "optimize", "no successfully trained model to optimise")
@@ -298,29 +374,27 @@ class Pipeline:
             command += ["--test-data", str(self.files.test)]
         if o.n_samples:
             command += ["--n-samples", str(o.n_samples)]
-        return self._spawn(f"optimize:{best.data.tags.get(MODEL_TAG)}", "optimize", command, self.cfg.timeouts.optimize)
+        return self._stage(f"optimize:{best.data.tags.get(MODEL_TAG)}", "optimize", command, self.cfg.timeouts.optimize)
 
-    def _step_register(self, children: list) -> str:
+    def _step_register(self, children: list) -> Stage | str:
         if best_train_run(children) is None:
             return _record_skipped(self.parent_id, "register", "register", "no successfully trained model to register")
         r = self.cfg.register_
         command = ["register", "--parent", self.parent_id, "--metric", r.metric, "--name", r.name]
-        return self._spawn("register", "register", command, self.cfg.timeouts.register_)
+        return self._stage("register", "register", command, self.cfg.timeouts.register_)
 
-    def _step_predict(self, children: list) -> str:
+    def _step_predict(self, children: list) -> Stage | str:
         if self.files.predict is None:
             return _record_skipped(self.parent_id, "predict", "predict", "no data.predict file to write a submission for")
         source, why = predict_source(children, self.cfg.register_.name)
         if source is None:
             return _record_skipped(self.parent_id, "predict", "predict", why)
-        out = self.log_dir / SUBMISSION_FILE
+        out = self.folder / SUBMISSION_FILE
         command = ["predict", *source, "--data", str(self.files.predict), "--out", str(out), "--source-reason", why]
-        return self._spawn("predict", "predict", command, self.cfg.timeouts.predict)
+        return self._stage("predict", "predict", command, self.cfg.timeouts.predict)
 
-    def _spawn(self, name: str, kind: str, command: list[str], timeout_s: float) -> str:
-        run_id = create_child_run(self.parent_id, name, kind, {MODEL_TAG: name})
-        _run_stage(self.executor, run_id, kind, command, timeout_s, self.log_dir)
-        return run_id
+    def _stage(self, name: str, kind: str, command: list[str], timeout_s: float) -> Stage:
+        return Stage(kind, name, command, timeout_s, self.executor.resources(kind, cpus=self.cfg.ray.stage_cpus))
 
 
 def resumable(run) -> bool:
@@ -332,6 +406,7 @@ def resumable(run) -> bool:
 
 _STEP_KIND = {"tune": "tune", "kfold": "kfold", "evaluate_solar": "solar", "ensemble": "ensemble", "optimize": "optimize",
               "register": "register", "predict": "predict"}  # fmt: skip
+_STEP_OF_KIND = {kind: step for step, kind in _STEP_KIND.items()}
 
 
 def predict_source(children: list, registered_name: str) -> tuple[list[str] | None, str]:
@@ -388,9 +463,10 @@ def summarize_parent(parent_id: str) -> tuple[dict[str, str], dict[str, float]]:
     return tags, metrics
 
 
-def run_pipeline(config_path: str | Path | None = None, resume_run_id: str | None = None) -> str:
-    """Run (or resume) a pipeline; returns the parent run id. The parent ends FINISHED even when children fail:
-    their failures are data, recorded in the matrix and the report."""
+def run_pipeline(config_path: str | Path | None = None, resume_run_id: str | None = None, executor: str | None = None,
+                 ray_address: str | None = None) -> str:  # fmt: skip
+    """Run (or resume) a pipeline; returns the parent run id. `executor` and `ray_address` override the config's.
+    The parent ends FINISHED even when children fail: their failures are data, recorded in the matrix and the report."""
     import mlflow
 
     from dialogsum.pipeline.report import write_report
@@ -402,37 +478,63 @@ def run_pipeline(config_path: str | Path | None = None, resume_run_id: str | Non
         if config_path is None:
             raise ValueError("give a pipeline config or --resume PARENT_RUN_ID")
         cfg = load_pipeline_config(config_path)
-    _check_optimize_step(cfg, config_path or f"the config of run {resume_run_id}")
-    configure_tracking(cfg.experiment)
-    with tempfile.TemporaryDirectory(prefix="dialogsum-pipeline-") as tmp:
-        with tracked_run(run_name=cfg.name, kind="pipeline", run_id=resume_run_id) as parent:
-            parent.set_stage("data")
-            if resume_run_id:
-                files = downloaded_roles(parent.run_id, Path(tmp))
-            else:
-                log_config(cfg.model_dump(), PIPELINE_CONFIG_ARTIFACT)
-                files = materialize_roles(cfg, parent.run_id, Path(tmp) / "data")
-            parent.set_stage("children")
-            try:
-                Pipeline(cfg, parent.run_id, files, Path(tmp)).run(resume=bool(resume_run_id))
-            finally:  # an interrupted pipeline still leaves its matrix and report, then ends KILLED
-                parent.set_stage("report")
-                tags, metrics = summarize_parent(parent.run_id)
-                mlflow.set_tags(tags)
-                mlflow.log_metrics(metrics)
-                write_report(parent.run_id)
+    cfg = with_executor(cfg, executor, ray_address)
+    runner = make_executor(cfg)
+    try:
+        _check_optimize_step(cfg, config_path or f"the config of run {resume_run_id}", runner.device().kind)
+        configure_tracking(cfg.experiment)
+        runner.check_tracking()
+        with tempfile.TemporaryDirectory(prefix="dialogsum-pipeline-") as tmp:
+            folder = Path(tmp)
+            with tracked_run(run_name=cfg.name, kind="pipeline", run_id=resume_run_id) as parent:
+                parent.set_stage("data")
+                if resume_run_id:
+                    files = downloaded_roles(parent.run_id, folder)
+                else:
+                    log_config(cfg.model_dump(), PIPELINE_CONFIG_ARTIFACT)
+                    files = materialize_roles(cfg, parent.run_id, folder / DATA_ARTIFACT_DIR)
+                runner.use_folder(parent.run_id, folder)
+                parent.set_stage("children")
+                try:
+                    Pipeline(cfg, parent.run_id, files, runner, folder).run(resume=bool(resume_run_id))
+                finally:  # an interrupted pipeline still leaves its matrix and report, then ends KILLED
+                    parent.set_stage("report")
+                    tags, metrics = summarize_parent(parent.run_id)
+                    mlflow.set_tags(tags)
+                    mlflow.log_metrics(metrics)
+                    write_report(parent.run_id)
+    finally:
+        runner.close()
     return parent.run_id
 
 
-def _check_optimize_step(cfg: PipelineConfig, source: str | Path) -> None:
-    """The optimize step's variants must run on this device: checked before anything trains, not hours later."""
+def with_executor(cfg: PipelineConfig, executor: str | None, ray_address: str | None) -> PipelineConfig:
+    """The config with the command line's `--executor` / `--ray-address` applied (validated like the YAML)."""
+    data = cfg.model_dump(by_alias=True)
+    if executor is not None:
+        data["executor"] = executor
+    if ray_address is not None:
+        data["ray"]["address"] = ray_address
+    return parse_config(PipelineConfig, data, Path("the command line"))
+
+
+def make_executor(cfg: PipelineConfig):
+    """The executor the config names (a Ray cluster is reached, or started, here)."""
+    if cfg.executor == "local":
+        return LocalExecutor(cfg.timeouts.grace)
+    from dialogsum.pipeline.ray_executor import RayExecutor
+
+    return RayExecutor(cfg.timeouts.grace, cfg.ray.address)
+
+
+def _check_optimize_step(cfg: PipelineConfig, source: str | Path, device_kind: str) -> None:
+    """The optimize step's variants must run on the device the stages get: checked before anything trains."""
     if "optimize" not in cfg.steps:
         return
-    from dialogsum.precision import detect_device
     from dialogsum.quantize import VariantError, resolve_variants
 
     try:
-        resolve_variants(cfg.optimize.quantization, detect_device().kind)
+        resolve_variants(cfg.optimize.quantization, device_kind)
     except VariantError as e:
         raise ConfigError(f"{source}: optimize.quantization: {e}") from e
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from dialogsum.comparison import compare_logged, split_comparable
 from dialogsum.pipeline.matrix import build_matrix, html_page, matrix_html, pivot_matrix
 from dialogsum.pipeline.report_figures import curves_png, matrix_png, timeline_png
-from dialogsum.pipeline.store import best_train_run, find_child, latest_children
+from dialogsum.pipeline.store import best_train_run, find_child, duration_s, latest_children, started_ms
 from dialogsum.sweeps.report import study_inputs
 from dialogsum.tracking import KIND_TAG, MODEL_TAG, REASON_TAG, STATUS_TAG, VAL_ROWS_TAG, run_metric
 
@@ -35,10 +35,6 @@ def _client():
 
 def _name(run) -> str:
     return run.data.tags.get(MODEL_TAG) or run.info.run_name
-
-
-def _duration_s(run) -> float | None:
-    return None if run.info.end_time is None else (run.info.end_time - run.info.start_time) / 1000
 
 
 def _when(ms: int | None) -> str:
@@ -67,12 +63,13 @@ def _traceback_excerpt(run_id: str, lines: int = 12) -> str:
 
 def _header(parent, children: list) -> list[str]:
     tags, params = parent.data.tags, parent.data.params
-    duration = _duration_s(parent)
+    duration = duration_s(parent)
     duration_text = f"{duration:.0f} s" if duration is not None else f"{time.time() - parent.info.start_time / 1000:.0f} s when this report was written"
     best = best_train_run(children)
     out = [f"# dialogsum report: {parent.info.run_name}", "",
            f"- parent run: `{parent.info.run_id}` (experiment {parent.info.experiment_id})",
-           f"- started: {_when(parent.info.start_time)}; duration: {duration_text}",
+           f"- started: {_when(parent.info.start_time)}; duration: {duration_text}; stages ran on: "
+           f"{_executor(params)}",
            f"- children: {tags.get('dialogsum.succeeded', '?')} succeeded, {tags.get('dialogsum.failed', '?')} failed, "
            f"{tags.get('dialogsum.skipped', '?')} skipped"]  # fmt: skip
     if best is not None:
@@ -87,11 +84,19 @@ def _header(parent, children: list) -> list[str]:
     return out
 
 
+def _executor(params: dict) -> str:
+    if params.get("executor") != "ray":
+        return "this machine, one after another"
+    address = params.get("ray.address")
+    where = address if address not in (None, "", "None") else "started for this pipeline"
+    return f"a Ray cluster ({where}), at once where it had room"
+
+
 def _timeline(parent, children: list) -> list[str]:
     out = ["", "## Timeline", "", "| # | step | model | start (+s) | duration (s) | status |", "|---|---|---|---|---|---|"]
     for i, run in enumerate(children, 1):
-        offset = (run.info.start_time - parent.info.start_time) / 1000
-        d = _duration_s(run)
+        offset = (started_ms(run) - parent.info.start_time) / 1000
+        d = duration_s(run)
         out.append(f"| {i} | {run.data.tags.get(KIND_TAG)} | {_name(run)} | {offset:.1f} | "
                    f"{f'{d:.1f}' if d is not None else '—'} | {run.data.tags.get(STATUS_TAG)} |")  # fmt: skip
     return out

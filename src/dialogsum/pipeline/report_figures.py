@@ -6,6 +6,7 @@ from pathlib import Path
 
 from dialogsum import figures
 from dialogsum.pipeline.matrix import STATUS_COLOURS, pivot_matrix, status_of
+from dialogsum.pipeline.store import started_ms
 from dialogsum.tracking import KIND_TAG, MODEL_TAG, STATUS_TAG
 
 
@@ -44,7 +45,7 @@ def timeline_png(parent, children: list, path: Path) -> Path:
     t0 = parent.info.start_time
     fig, ax = figures.subplots(figsize=(7, 0.8 + 0.35 * max(len(children), 1)), dpi=100)
     for i, run in enumerate(children):
-        start = (run.info.start_time - t0) / 1000
+        start = (started_ms(run) - t0) / 1000
         end = ((run.info.end_time or run.info.start_time) - t0) / 1000
         colour = STATUS_COLOURS.get(run.data.tags.get(STATUS_TAG, ""), "#cccccc")
         ax.barh(i, max(end - start, 0.2), left=start, color=colour, edgecolor="black")

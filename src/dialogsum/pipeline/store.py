@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dialogsum.tracking import KIND_TAG, MODEL_TAG, STATUS_TAG, run_metric
+from dialogsum.tracking import KIND_TAG, MODEL_TAG, STARTED_AT_TAG, STATUS_TAG, run_metric
 
 SELECTION_METRIC = "val_final"
 SUPERSEDED_TAG = "dialogsum.superseded_by"  # on a step's child that a resumed pipeline ran again
@@ -43,3 +43,14 @@ def best_train_run(children: list, metric: str = SELECTION_METRIC):
     scored = [(run_metric(r, metric), r) for r in children if r.data.tags.get(KIND_TAG) == "train" and succeeded(r)]
     scored = [(v, r) for v, r in scored if v is not None]
     return max(scored, key=lambda vr: vr[0])[1] if scored else None
+
+
+def started_ms(run) -> int:
+    """When a stage started working: its run's start, or, for a stage queued on a Ray cluster, when it got its
+    resources (`dialogsum.started_at`)."""
+    return int(run.data.tags.get(STARTED_AT_TAG, run.info.start_time))
+
+
+def duration_s(run) -> float | None:
+    """Seconds a stage worked (from `started_ms`), None while it runs."""
+    return None if run.info.end_time is None else (run.info.end_time - started_ms(run)) / 1000

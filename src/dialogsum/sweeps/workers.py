@@ -1,0 +1,99 @@
+"""`dialogsum tune --executor ray --workers N`: N study workers as Ray tasks, each the ordinary `dialogsum tune`
+process joining one shared study (`dialogsum.sweeps.tune`), one GPU each when the cluster has GPUs.
+
+The study is named and its storage fixed here, before any worker starts, so every worker joins the same one: a
+journal file at an absolute path on a one-node cluster (the default), an RDB URL (PostgreSQL) on several nodes.
+Paths travel absolute; on several nodes they must be readable on every node (a shared file system). A storage URL
+carrying a password is refused: the workers would receive it as an argument; give the password to the nodes'
+environment instead (`PGPASSWORD`, `~/.pgpass`). With `--seed`, worker i samples with seed + i, so the workers do
+not propose the same trials.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+from dialogsum.pipeline.executors import Stage, StageProcess
+from dialogsum.sweeps.tune import PARENT_ATTR, STUDIES_DIR, TuneError, TuneSettings
+
+
+def worker_command(settings: TuneSettings, study: str, storage: str, seed: int | None) -> list[str]:
+    """The `dialogsum tune` arguments of one worker: the settings with every path absolute."""
+    space = Path(settings.space)
+    command = ["tune", "--model", settings.model, "--space", str(space.resolve()) if space.is_file() else settings.space,
+               "--trials", str(settings.trials), "--study", study, "--storage", storage, "--sampler", settings.sampler,
+               "--pruner", settings.pruner, "--metric", settings.metric]  # fmt: skip
+    for flag, path in (("--train-data", settings.train_path), ("--validation-data", settings.validation_path)):
+        if path:
+            command += [flag, str(Path(path).resolve())]
+    for key, value in settings.overrides.items():
+        command += ["--set", f"{key}={value}"]
+    if seed is not None:
+        command += ["--seed", str(seed)]
+    if settings.from_run:
+        command += ["--from-run", settings.from_run]
+    return command
+
+
+def shared_storage(settings: TuneSettings, study: str, nodes: int) -> str:
+    """The storage every worker opens: the given one, else a journal file here (one node only)."""
+    url = settings.storage
+    if url and urlparse(url).password is not None:
+        raise TuneError("--storage carries a password, which every Ray worker would receive as an argument; give it "
+                        "without the password and put the password in the nodes' environment (PGPASSWORD or ~/.pgpass)")  # fmt: skip
+    local = url is None or url.startswith(("journal:", "sqlite:")) or "://" not in url
+    if nodes > 1 and local:
+        raise TuneError(f"the Ray cluster has {nodes} nodes but the study's storage ({url or 'a journal file here'}) is on "
+                        "this machine's disk; give --storage postgresql://… that every node reaches")  # fmt: skip
+    if url is None:
+        return f"journal:{(STUDIES_DIR / f'{study}.journal').resolve()}"
+    if url.startswith("journal:"):
+        return f"journal:{Path(url.removeprefix('journal:')).resolve()}"
+    return url
+
+
+def run_ray_workers(settings: TuneSettings, workers: int, address: str | None, grace_s: float = 30) -> str:
+    """Run `workers` study workers on the Ray cluster at `address` until the study holds `settings.trials` finished
+    trials; returns the study's parent run id. A worker that fails is reported with its log tail; the study goes on
+    with the others."""
+    import optuna
+    from rich.console import Console
+
+    from dialogsum.config import load_model_config
+    from dialogsum.pipeline.ray_executor import RayExecutor
+    from dialogsum.sweeps.tune import storage_for
+    from dialogsum.tracking import configure_tracking
+
+    console = Console(stderr=True)
+    configure_tracking()
+    study = settings.study or f"{load_model_config(settings.model, settings.overrides or None).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    runner = RayExecutor(grace_s, address)
+    try:
+        runner.check_tracking()
+        storage = shared_storage(settings, study, len(runner.alive_nodes()))
+        resources = runner.resources("tune")
+        stages = [Stage("tune", f"worker-{i}", worker_command(settings, study, storage, None if settings.seed is None else settings.seed + i),
+                        None, resources) for i in range(workers)]  # fmt: skip
+        failed: list[tuple[Stage, StageProcess]] = []
+
+        def finished(stage: Stage, done: StageProcess) -> None:
+            ok = done.returncode == 0 and done.error is None
+            console.print(f"tune {stage.name}: {'done' if ok else 'failed'} after {done.elapsed_s:.0f} s")
+            if not ok:
+                failed.append((stage, done))
+
+        console.print(f"study {study}: {workers} worker(s) on Ray, storage {storage}")
+        runner.run_all(stages, lambda stage: None, finished)
+    finally:
+        runner.close()
+    parent = optuna.load_study(study_name=study, storage=storage_for(TuneSettings(**{**vars(settings), "storage": storage}), study)
+                               ).user_attrs.get(PARENT_ATTR)  # fmt: skip
+    if parent is None or len(failed) == workers:
+        reasons = "\n".join(f"{s.name}: {d.error[1] if d.error else f'exit code {d.returncode}'}\n{d.log_tail}" for s, d in failed)
+        raise TuneError(f"no worker of study {study} ran: {reasons}")
+    for stage, done in failed:
+        console.print(f"[yellow]{stage.name} failed[/yellow]: {done.error[1] if done.error else f'exit code {done.returncode}'}\n{done.log_tail}",
+                      markup=True, soft_wrap=True)  # fmt: skip
+    return parent
