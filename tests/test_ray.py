@@ -10,7 +10,8 @@ real pipelines, real trainings, real signals and a real killed Ray worker:
 - a multi-node cluster with a SQLite store is refused before anything starts (the node count is simulated: the
   only thing here that cannot be real);
 - resources: GPUs from `resources.gpus` or the memory estimate against the cluster's per-GPU memory (the GPU is
-  simulated as the device the cluster reported), memory on a CPU cluster, an impossible request refused.
+  simulated as the device the cluster reported), memory on a CPU cluster; a training asking for a GPU this cluster
+  does not have fails at once (`Unschedulable`) instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -202,6 +203,13 @@ def test_a_multi_node_cluster_with_a_sqlite_store_is_refused_before_anything_sta
     with pytest.raises(ConfigError, match="artifacts"):
         check_tracking_for_cluster("postgresql://db/mlflow", "/home/me/mlruns/1", nodes=3)
     check_tracking_for_cluster("http://tracking:5000", "mlflow-artifacts:/1", nodes=3)
+
+
+def test_a_stage_no_node_could_run_fails_at_once_instead_of_waiting_forever(ray_cluster, mlflow_store, tmp_path):
+    parent_id = run_pipeline(_config(tmp_path, [{"name": "kobart-tiny", "overrides": {**FAST, "resources.gpus": 1}}], executor="ray"))
+    child = _children(parent_id)["kobart-tiny"][-1]
+    assert child.info.status == "FAILED" and child.data.tags["error.type"] == "Unschedulable"
+    assert child.data.tags["error.message"].startswith("no node of the Ray cluster has CPU 1, GPU 1 (nodes: CPU 2")
 
 
 def test_credentials_stay_out_of_task_arguments():

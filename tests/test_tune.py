@@ -89,7 +89,7 @@ def test_a_pruned_study_records_every_trial_as_a_child_whose_status_matches_optu
     best = study.best_trial
     assert metrics["best_val_loss"] == pytest.approx(best.value) and metrics["best_trial"] == best.number
     overrides = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{parent}/{BEST_OVERRIDES_ARTIFACT}"))
-    assert overrides == best.params
+    assert overrides == {**yaml.safe_load(SPACE)["fixed"], **best.params}, "everything the best trial trained with"
     assert "--set training.learning_rate=" in mlflow.artifacts.load_text(f"runs:/{parent}/{BEST_SET_LINE_ARTIFACT}")
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent, "plots")}
     assert HISTORY_PLOT in artifacts

@@ -114,6 +114,12 @@ def _stage_task(kind: str, command: list[str], shared_env: dict[str, str], timeo
         return run_stage_process(command, {**os.environ, **env}, timeout_s, grace_s, log_path, run_id)
 
 
+def _describe(resources: dict) -> str:
+    """`CPU 2, GPU 1, memory 13.6 GiB`: the resources dialogsum asks for, in that order."""
+    return ", ".join(f"{key} {resources[key] / 2**30:.1f} GiB" if key == "memory" else f"{key} {resources[key]:g}"
+                     for key in ("CPU", "GPU", "memory") if key in resources)  # fmt: skip
+
+
 def _probe_device():
     from dialogsum.precision import detect_device
 
@@ -187,10 +193,8 @@ class RayExecutor:
         nodes = [n.get("Resources", {}) for n in self.alive_nodes()]
         if any(all(have.get(key, 0) >= value for key, value in wanted.items() if value) for have in nodes):
             return None
-        largest = "; ".join(", ".join(f"{k} {v / 2**30:.1f} GiB" if k == "memory" else f"{k} {v:g}" for k, v in have.items()
-                                      if k in wanted) for have in nodes)  # fmt: skip
-        asked = ", ".join(f"{k} {v / 2**30:.1f} GiB" if k == "memory" else f"{k} {v:g}" for k, v in wanted.items() if v)
-        return f"no node of the Ray cluster has {asked} (nodes: {largest or 'none alive'})"
+        offers = "; ".join(_describe(have) for have in nodes) or "none alive"
+        return f"no node of the Ray cluster has {_describe({k: v for k, v in wanted.items() if v})} (nodes: {offers})"
 
     def _shared_env(self) -> dict[str, str]:
         import mlflow

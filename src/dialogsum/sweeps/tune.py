@@ -283,7 +283,7 @@ def run_study(settings: TuneSettings) -> str:
                 break
             study.optimize(objective, n_trials=remaining, catch=(Exception,), gc_after_trial=True,
                            callbacks=[optuna.study.MaxTrialsCallback(settings.trials, states=finished_states())])  # fmt: skip
-        log_study_summary(study, settings)
+        log_study_summary(study, settings, space)
         from dialogsum.sweeps.report import write_study_report
 
         write_study_report(parent)
@@ -303,9 +303,10 @@ def counted_trials(study, states=None) -> list:
     return [t for t in study.get_trials(deepcopy=False, states=states) if not t.user_attrs.get(OVER_CAP_ATTR)]
 
 
-def log_study_summary(study, settings: TuneSettings) -> None:
+def log_study_summary(study, settings: TuneSettings, space: SearchSpace) -> None:
     """On the parent run: the trials table, the counts, the best trial's overrides (`best_overrides.yaml` and a
-    ready `--set` line), and Optuna's optimization-history and parameter-importance plots."""
+    ready `--set` line: every override the best trial trained with, the command line's, the space's fixed ones and
+    its sampled values), and Optuna's optimization-history and parameter-importance plots."""
     import mlflow
     import optuna
     import pandas as pd
@@ -327,7 +328,7 @@ def log_study_summary(study, settings: TuneSettings) -> None:
     best = study.best_trial
     mlflow.log_metrics({f"best_{settings.metric}": best.value, "best_trial": best.number})
     mlflow.set_tags({"dialogsum.best_trial_run": best.user_attrs.get(RUN_ATTR, "")})
-    overrides = {**settings.overrides, **best.params}
+    overrides = {**settings.overrides, **space.fixed, **best.params}
     mlflow.log_text(yaml.safe_dump(overrides, allow_unicode=True, sort_keys=True), BEST_OVERRIDES_ARTIFACT)
     mlflow.log_text(" ".join(f"--set {k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in sorted(overrides.items())),
                     BEST_SET_LINE_ARTIFACT)  # fmt: skip

@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from dialogsum.pipeline.executors import Stage, StageProcess
-from dialogsum.sweeps.tune import PARENT_ATTR, STUDIES_DIR, TuneError, TuneSettings
+from dialogsum.sweeps.tune import STUDIES_DIR, TuneError, TuneSettings
 
 
 def worker_command(settings: TuneSettings, study: str, storage: str, seed: int | None) -> list[str]:
@@ -55,16 +55,16 @@ def shared_storage(settings: TuneSettings, study: str, nodes: int) -> str:
 
 
 def run_ray_workers(settings: TuneSettings, workers: int, address: str | None, grace_s: float = 30) -> str:
-    """Run `workers` study workers on the Ray cluster at `address` until the study holds `settings.trials` finished
-    trials; returns the study's parent run id. A worker that fails is reported with its log tail; the study goes on
-    with the others."""
+    """Create (or load) the study and its parent run, then run `workers` study workers on the Ray cluster at `address`
+    until the study holds `settings.trials` finished trials; returns the parent run id. A worker that fails is
+    reported with its log tail; the study goes on with the others."""
     import optuna
     from rich.console import Console
 
     from dialogsum.config import load_model_config
     from dialogsum.pipeline.ray_executor import RayExecutor
-    from dialogsum.sweeps.tune import storage_for
-    from dialogsum.tracking import configure_tracking
+    from dialogsum.sweeps.tune import storage_for, study_parent
+    from dialogsum.tracking import Terminated, configure_tracking
 
     console = Console(stderr=True)
     configure_tracking()
@@ -73,6 +73,11 @@ def run_ray_workers(settings: TuneSettings, workers: int, address: str | None, g
     try:
         runner.check_tracking()
         storage = shared_storage(settings, study, len(runner.alive_nodes()))
+        # The study and its parent run exist before any worker starts (the parent is `mlflow run`'s run, if any).
+        shared = TuneSettings(**{**vars(settings), "study": study, "storage": storage})
+        opened = storage_for(shared, study)
+        parent = study_parent(optuna.create_study(study_name=study, storage=opened, load_if_exists=True, direction=settings.direction),
+                              opened, shared)  # fmt: skip
         resources = runner.resources("tune")
         stages = [Stage("tune", f"worker-{i}", worker_command(settings, study, storage, None if settings.seed is None else settings.seed + i),
                         None, resources) for i in range(workers)]  # fmt: skip
@@ -85,15 +90,28 @@ def run_ray_workers(settings: TuneSettings, workers: int, address: str | None, g
                 failed.append((stage, done))
 
         console.print(f"study {study}: {workers} worker(s) on Ray, storage {storage}")
-        runner.run_all(stages, lambda stage: None, finished)
+        try:
+            runner.run_all(stages, lambda stage: None, finished)
+        except (KeyboardInterrupt, Terminated):
+            _close_if_running(parent, "killed", "Interrupted", "the study's Ray workers were cancelled (Ctrl-C or SIGTERM)")
+            raise
     finally:
         runner.close()
-    parent = optuna.load_study(study_name=study, storage=storage_for(TuneSettings(**{**vars(settings), "storage": storage}), study)
-                               ).user_attrs.get(PARENT_ATTR)  # fmt: skip
-    if parent is None or len(failed) == workers:
+    if len(failed) == workers:
         reasons = "\n".join(f"{s.name}: {d.error[1] if d.error else f'exit code {d.returncode}'}\n{d.log_tail}" for s, d in failed)
+        _close_if_running(parent, "failed", "NoWorkerRan", reasons)
         raise TuneError(f"no worker of study {study} ran: {reasons}")
     for stage, done in failed:
         console.print(f"[yellow]{stage.name} failed[/yellow]: {done.error[1] if done.error else f'exit code {done.returncode}'}\n{done.log_tail}",
                       markup=True, soft_wrap=True)  # fmt: skip
     return parent
+
+
+def _close_if_running(run_id: str, status: str, error_type: str, message: str) -> None:
+    """The study's parent, left RUNNING when no worker got to end it."""
+    import mlflow
+
+    from dialogsum.tracking import close_run
+
+    if mlflow.MlflowClient().get_run(run_id).info.status == "RUNNING":
+        close_run(run_id, status, "tune", error_type, message)
