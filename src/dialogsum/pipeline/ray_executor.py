@@ -109,9 +109,9 @@ def _stage_task(kind: str, command: list[str], shared_env: dict[str, str], timeo
         if files is not None:
             parent_id, driver_folder = files
             mlflow.artifacts.download_artifacts(run_id=parent_id, artifact_path="data", dst_path=tmp)
-            command = [tmp + arg[len(driver_folder):] if arg.startswith(driver_folder) else arg for arg in command]
+            command = [tmp + arg[len(driver_folder):] if arg.startswith(driver_folder + os.sep) else arg for arg in command]
         log_path = Path(tmp) / f"{kind}-{run_id or 'worker'}.log"
-        return run_stage_process(command, {**os.environ, **env}, timeout_s, grace_s, log_path, run_id)
+        return run_stage_process(command, dict(os.environ), timeout_s, grace_s, log_path, run_id)
 
 
 def _describe(resources: dict) -> str:
