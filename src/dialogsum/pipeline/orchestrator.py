@@ -66,12 +66,6 @@ LATER_STEPS = ("tune", "kfold", "evaluate_solar", "ensemble", "optimize", "regis
 
 
 @dataclass
-class StageOutcome:
-    run_id: str
-    status: str
-
-
-@dataclass
 class RoleFiles:
     """The CSV each child reads for each data role (validation always exists; test and predict may not)."""
 
