@@ -37,6 +37,7 @@ from dialogsum.pipeline.ray_executor import RayExecutor, check_tracking_for_clus
 from dialogsum.precision import DeviceInfo
 from dialogsum.sweeps.tune import STUDY_TAG, TRIAL_TAG
 from dialogsum.tracking import KIND_TAG, STARTED_AT_TAG
+from dialogsum.training.checkpoints import CHECKPOINT_EPOCH_TAG
 
 GIB = 2**30
 FAST = {"training.epochs": 1, "training.max_train_samples": 8, "generation.max_new_tokens": 4, "generation.num_beams": 1}
@@ -136,7 +137,8 @@ def _wait(condition, timeout: float, what: str, process: subprocess.Popen):
 def test_a_lost_worker_fails_its_child_ctrl_c_cancels_the_rest_and_resume_finishes(ray_cluster, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
-    config = _config(tmp_path, [{"name": "kobart-tiny", "overrides": SLOW}, {"name": "llama-tiny", "overrides": SLOW}],
+    # llama trains long enough to be interrupted after its first checkpoint, whatever the machine's load
+    config = _config(tmp_path, [{"name": "kobart-tiny", "overrides": SLOW}, {"name": "llama-tiny", "overrides": {**SLOW, "training.epochs": 6}}],
                      timeouts={"grace": 5})  # the YAML says local; the command line says ray
     command = [sys.executable, "-m", "dialogsum", "pipeline", "--config", str(config), "--executor", "ray", "--ray-address", ray_cluster]
     pipeline = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -149,6 +151,9 @@ def test_a_lost_worker_fails_its_child_ctrl_c_cancels_the_rest_and_resume_finish
         lost = _wait(lambda: (r := client.get_run(lost_run)).data.tags.get("error.type") == "WorkerLost" and r, 60,
                      "the lost worker's child to be closed", pipeline)  # fmt: skip
         assert lost_stage.wait(timeout=10) is not None or not lost_stage.is_running(), "the stage died with its worker"
+        running_run = by_model["llama-tiny"][0]
+        _wait(lambda: CHECKPOINT_EPOCH_TAG in client.get_run(running_run).data.tags, 120, "llama's first checkpoint", pipeline)
+        assert client.get_run(running_run).info.status == "RUNNING", "llama is still training when the pipeline is interrupted"
         pipeline.send_signal(signal.SIGINT)
         output, _ = pipeline.communicate(timeout=60)
     finally:
@@ -158,7 +163,7 @@ def test_a_lost_worker_fails_its_child_ctrl_c_cancels_the_rest_and_resume_finish
     assert lost.info.status == "FAILED" and "Ray: " in lost.data.tags["error.message"], lost.data.tags
     runs = client.search_runs([client.get_experiment_by_name("dialogsum").experiment_id])
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"], "no RUNNING run"
-    interrupted = client.get_run(by_model["llama-tiny"][0])
+    interrupted = client.get_run(running_run)
     assert interrupted.info.status == "KILLED" and interrupted.data.tags["error.type"] == "Interrupted"
     assert not _stage_processes(uri), "no stage process left"
     deadline = time.monotonic() + 10
@@ -174,6 +179,7 @@ def test_a_lost_worker_fails_its_child_ctrl_c_cancels_the_rest_and_resume_finish
     mlflow.set_tracking_uri(uri)
     latest = {model: runs[-1] for model, runs in _children(parent.info.run_id).items()}
     assert {m: r.data.tags["dialogsum.status"] for m, r in latest.items()} == {"kobart-tiny": "succeeded", "llama-tiny": "succeeded"}
+    assert latest["llama-tiny"].info.run_id == running_run, "the interrupted training continued in its own run, from its checkpoint"
 
 
 def test_tune_runs_its_workers_as_ray_tasks_on_one_study(ray_cluster, mlflow_store, tmp_path):

@@ -42,6 +42,7 @@ from dialogsum.pipeline.store import SELECTION_METRIC, SUPERSEDED_TAG, best_trai
 from dialogsum.preflight import GIB, Verdict, run_preflight
 from dialogsum.tracking import (
     Terminated,
+    REASON_TAG,
     KIND_TAG,
     MODEL_TAG,
     STAGE_TAG,
@@ -294,6 +295,7 @@ class Pipeline:
         """A stage for each configured step of `steps` that must run: it never succeeded, or it uses the trainings
         and a model newly succeeded. A step whose preconditions are missing is recorded SKIPPED instead."""
         import mlflow
+        from rich.markup import escape
 
         stages = []
         for step in (s for s in steps if s in self.cfg.steps):
@@ -310,6 +312,8 @@ class Pipeline:
                 stages.append(made)
                 continue
             self.unstarted.remove((kind, step))
+            reason = escape(mlflow.get_run(made).data.tags.get(REASON_TAG, ""))
+            self.console.print(f"[yellow]{step}[/yellow]: skipped, {reason}", highlight=False, soft_wrap=True)
             if previous is not None and rerun:
                 mlflow.MlflowClient().set_tag(previous.info.run_id, SUPERSEDED_TAG, made)
         return stages
