@@ -35,7 +35,8 @@ from dialogsum.pipeline.executors import StageResources
 from dialogsum.pipeline.orchestrator import run_pipeline
 from dialogsum.pipeline.ray_executor import RayExecutor, check_tracking_for_cluster, tracking_env, without_password
 from dialogsum.precision import DeviceInfo
-from dialogsum.sweeps.tune import STUDY_TAG, TRIAL_TAG
+from dialogsum.sweeps.tune import STUDY_TAG, TRIAL_TAG, TuneError, TuneSettings
+from dialogsum.sweeps.workers import shared_storage
 from dialogsum.tracking import KIND_TAG, STARTED_AT_TAG
 from dialogsum.training.checkpoints import CHECKPOINT_EPOCH_TAG
 
@@ -218,7 +219,7 @@ def test_a_stage_no_node_could_run_fails_at_once_instead_of_waiting_forever(ray_
     assert child.data.tags["error.message"].startswith("no node of the Ray cluster has CPU 1, GPU 1 (nodes: CPU 2")
 
 
-def test_credentials_stay_out_of_task_arguments():
+def test_credentials_stay_out_of_task_arguments_and_a_study_shared_across_nodes_needs_a_database():
     assert without_password("http://me:s3cret@tracking:5000/") == "http://me@tracking:5000/"
     assert without_password("postgresql://me:s3cret@db/mlflow") == "postgresql://me@db/mlflow"
     assert without_password("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
@@ -226,6 +227,13 @@ def test_credentials_stay_out_of_task_arguments():
     assert tracking_env({"MLFLOW_TRACKING_URI": "http://me:s3cret@tracking:5000/"}, shared)["MLFLOW_TRACKING_URI"].endswith("s3cret@tracking:5000/"), \
         "a node with its own credentials for the same server keeps them"  # fmt: skip
     assert tracking_env({"MLFLOW_TRACKING_URI": "http://other:5000"}, shared) == shared
+
+    settings = TuneSettings(model="kobart-tiny", space="kobart-tiny", trials=2, storage="postgresql://me:s3cret@db/optuna")
+    with pytest.raises(TuneError, match="password"):
+        shared_storage(settings, "study", nodes=1)
+    with pytest.raises(TuneError, match="2 nodes"):
+        shared_storage(TuneSettings(model="kobart-tiny", space="kobart-tiny", trials=2), "study", nodes=2)
+    assert shared_storage(TuneSettings(model="kobart-tiny", space="kobart-tiny", trials=2), "s", nodes=1).startswith("journal:/")
 
 
 def test_stage_resources_from_config_estimate_and_the_clusters_device(ray_cluster):
