@@ -27,10 +27,11 @@ import mlflow
 import psutil
 import pytest
 import yaml
+from test_faults import _first_rows
 from test_tune import SPACE
 
 from dialogsum.config import ConfigError
-from dialogsum.data import read_dialogues, sample_data_path, write_dialogues
+from dialogsum.data import sample_data_path
 from dialogsum.pipeline.executors import StageResources
 from dialogsum.pipeline.orchestrator import run_pipeline
 from dialogsum.pipeline.ray_executor import RayExecutor, check_tracking_for_cluster, tracking_env, without_password
@@ -55,10 +56,6 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
-
-
-def _first_rows(folder: Path, split: str, n: int) -> Path:
-    return write_dialogues(read_dialogues(sample_data_path(split)).head(n), folder / f"{split}-{n}.csv")
 
 
 def _config(tmp_path: Path, models: list[dict], **extra) -> Path:

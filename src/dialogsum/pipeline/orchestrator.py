@@ -42,7 +42,6 @@ from dialogsum.pipeline.store import SELECTION_METRIC, SUPERSEDED_TAG, best_trai
 from dialogsum.preflight import GIB, Verdict, run_preflight
 from dialogsum.tracking import (
     Terminated,
-    REASON_TAG,
     KIND_TAG,
     MODEL_TAG,
     STAGE_TAG,
@@ -67,6 +66,14 @@ LATER_STEPS = ("tune", "kfold", "evaluate_solar", "ensemble", "optimize", "regis
 
 
 @dataclass
+class Skipped:
+    """A step whose preconditions are missing: recorded as a SKIPPED child named `name`, with the reason."""
+
+    name: str
+    reason: str
+
+
+@dataclass
 class RoleFiles:
     """The CSV each child reads for each data role (validation always exists; test and predict may not)."""
 
@@ -80,28 +87,28 @@ def _set_args(overrides: dict) -> list[str]:
     return [arg for key, value in overrides.items() for arg in ("--set", f"{key}={json.dumps(value, ensure_ascii=False)}")]
 
 
-def _close_stage(s: Stage, done: StageProcess) -> str:
+def _close_stage(stage: Stage, done: StageProcess) -> str:
     """Close a stage's run as its process left it; close it for the process when it could not. Returns the status."""
     import mlflow
 
-    run_id, stage = s.run_id, s.kind
+    run_id, kind = stage.run_id, stage.kind
     run = mlflow.MlflowClient().get_run(run_id)
     status = run.data.tags.get(STATUS_TAG, "pending")
-    where = run.data.tags.get(STAGE_TAG, stage)
+    where = run.data.tags.get(STAGE_TAG, kind)
     if done.error is not None:
         close_run(run_id, "failed", where, *done.error)
         return "failed"
     if done.timed_out:
-        message = f"{stage} exceeded its {s.timeout_s:.0f} s timeout and was killed after {done.elapsed_s:.0f} s"
+        message = f"{kind} exceeded its {stage.timeout_s:.0f} s timeout and was killed after {done.elapsed_s:.0f} s"
         close_run(run_id, "failed", where, "StageTimeout", message)
         return "failed"
     if run.info.status == "RUNNING" or status in ("pending", "running"):
         if done.returncode == 0:
-            close_run(run_id, "succeeded", stage)
+            close_run(run_id, "succeeded", kind)
             return "succeeded"
         cause = f"signal {-done.returncode}" if done.returncode < 0 else f"exit code {done.returncode}"
         close_run(run_id, "failed", where, "ProcessDied",
-                  f"{stage} process ended with {cause} before closing its run; log tail:\n{done.log_tail}")  # fmt: skip
+                  f"{kind} process ended with {cause} before closing its run; log tail:\n{done.log_tail}")  # fmt: skip
         return "failed"
     return status
 
@@ -233,7 +240,7 @@ class Pipeline:
         marked superseded."""
         import mlflow
 
-        self.unstarted.remove((stage.kind, stage.name if stage.kind == "train" else _STEP_OF_KIND.get(stage.kind, stage.kind)))
+        self.unstarted.remove((stage.kind, stage.name if stage.kind == "train" else _STEP_OF_KIND[stage.kind]))
         if stage.run_id is None:
             stage.run_id = create_child_run(self.parent_id, stage.name, stage.kind, {MODEL_TAG: stage.name})
         self.in_flight.append(stage)
@@ -293,7 +300,8 @@ class Pipeline:
 
     def _step_stages(self, steps: tuple[str, ...], children: list) -> list[Stage]:
         """A stage for each configured step of `steps` that must run: it never succeeded, or it uses the trainings
-        and a model newly succeeded. A step whose preconditions are missing is recorded SKIPPED instead."""
+        and a model newly succeeded. A step whose preconditions are missing (its builder returns `Skipped`) is
+        recorded SKIPPED instead."""
         import mlflow
         from rich.markup import escape
 
@@ -312,10 +320,10 @@ class Pipeline:
                 stages.append(made)
                 continue
             self.unstarted.remove((kind, step))
-            reason = escape(mlflow.get_run(made).data.tags.get(REASON_TAG, ""))
-            self.console.print(f"[yellow]{step}[/yellow]: skipped, {reason}", highlight=False, soft_wrap=True)
+            skipped_id = _record_skipped(self.parent_id, made.name, kind, made.reason)
+            self.console.print(f"[yellow]{step}[/yellow]: skipped, {escape(made.reason)}", highlight=False, soft_wrap=True)
             if previous is not None and rerun:
-                mlflow.MlflowClient().set_tag(previous.info.run_id, SUPERSEDED_TAG, made)
+                mlflow.MlflowClient().set_tag(previous.info.run_id, SUPERSEDED_TAG, skipped_id)
         return stages
 
     def _step_tune(self, children: list) -> Stage:  # noqa: ARG002 - every step takes the children
@@ -335,13 +343,13 @@ class Pipeline:
             command += ["--test-data", str(self.files.test)]
         return self._stage(f"kfold:{k.model}", "kfold", command, self.cfg.timeouts.kfold)
 
-    def _step_evaluate_solar(self, children: list) -> Stage | str:  # noqa: ARG002 - every step takes the children
+    def _step_evaluate_solar(self, children: list) -> Stage | Skipped:  # noqa: ARG002 - every step takes the children
         from dialogsum.solar.evaluation import MissingApiKey, api_key_from_env
 
         try:
             api_key_from_env()
         except MissingApiKey as e:
-            return _record_skipped(self.parent_id, "solar-api", "solar", str(e))
+            return Skipped("solar-api", str(e))
         s = self.cfg.solar
         command = ["evaluate-solar", "--data", str(self.files.validation), "--train-data", str(self.files.train)]
         if self.files.test:
@@ -352,19 +360,18 @@ class Pipeline:
                 command += [flag, str(value)]
         return self._stage("solar-api", "solar", command, self.cfg.timeouts.evaluate_solar)
 
-    def _step_ensemble(self, children: list) -> Stage | str:
+    def _step_ensemble(self, children: list) -> Stage | Skipped:
         sources = [r for r in children if r.data.tags.get(KIND_TAG) in ("train", "solar") and succeeded(r)]
         if len(sources) < 2:
             names = ", ".join(r.data.tags.get(MODEL_TAG, "?") for r in sources) or "none"
-            return _record_skipped(self.parent_id, "ensemble", "ensemble",
-                                   f"fewer than two usable sources (succeeded: {names}); an ensemble needs at least two")  # fmt: skip
+            return Skipped("ensemble", f"fewer than two usable sources (succeeded: {names}); an ensemble needs at least two")
         command = ["ensemble", "--runs", ",".join(r.info.run_id for r in sources), "--strategy", self.cfg.ensemble.strategy]
         return self._stage("ensemble", "ensemble", command, self.cfg.timeouts.ensemble)
 
-    def _step_optimize(self, children: list) -> Stage | str:
+    def _step_optimize(self, children: list) -> Stage | Skipped:
         best = best_train_run(children)
         if best is None:
-            return _record_skipped(self.parent_id, "optimize", "optimize", "no successfully trained model to optimise")
+            return Skipped("optimize", "no successfully trained model to optimise")
         o = self.cfg.optimize
         command = ["optimize", "--run", best.info.run_id, "--quantization", o.quantization,
                    "--batch-sizes", ",".join(map(str, o.batch_sizes)), "--data", str(self.files.validation)]  # fmt: skip
@@ -374,19 +381,19 @@ class Pipeline:
             command += ["--n-samples", str(o.n_samples)]
         return self._stage(f"optimize:{best.data.tags.get(MODEL_TAG)}", "optimize", command, self.cfg.timeouts.optimize)
 
-    def _step_register(self, children: list) -> Stage | str:
+    def _step_register(self, children: list) -> Stage | Skipped:
         if best_train_run(children) is None:
-            return _record_skipped(self.parent_id, "register", "register", "no successfully trained model to register")
+            return Skipped("register", "no successfully trained model to register")
         r = self.cfg.register_
         command = ["register", "--parent", self.parent_id, "--metric", r.metric, "--name", r.name]
         return self._stage("register", "register", command, self.cfg.timeouts.register_)
 
-    def _step_predict(self, children: list) -> Stage | str:
+    def _step_predict(self, children: list) -> Stage | Skipped:
         if self.files.predict is None:
-            return _record_skipped(self.parent_id, "predict", "predict", "no data.predict file to write a submission for")
+            return Skipped("predict", "no data.predict file to write a submission for")
         source, why = predict_source(children, self.cfg.register_.name)
         if source is None:
-            return _record_skipped(self.parent_id, "predict", "predict", why)
+            return Skipped("predict", why)
         out = self.folder / SUBMISSION_FILE
         command = ["predict", *source, "--data", str(self.files.predict), "--out", str(out), "--source-reason", why]
         return self._stage("predict", "predict", command, self.cfg.timeouts.predict)

@@ -33,7 +33,6 @@ from dialogsum.pipeline.executors import (
     Stage,
     StageProcess,
     StageResources,
-    StageStopped,
     Started,
     ignore_signals,
     run_stage_process,
@@ -285,7 +284,7 @@ class RayExecutor:
                 ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
             except GetTimeoutError:
                 ray.cancel(ref, force=True)
-            except (RayError, StageStopped):
+            except RayError:  # cancelled, or the task failed while stopping: either way it has ended
                 pass
 
     def close(self) -> None:

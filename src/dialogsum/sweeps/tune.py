@@ -69,6 +69,16 @@ class TuneSettings:
         return "minimize" if "loss" in self.metric else "maximize"
 
 
+def journal_path(storage: str | None, study_name: str) -> Path | None:
+    """The journal file a `--storage` names: `journal:PATH` or a `.journal`/`.log` path, and by default (none given)
+    `dialogsum-studies/<study>.journal`; None for an RDB URL."""
+    if storage is None:
+        return STUDIES_DIR / f"{study_name}.journal"
+    if storage.startswith("journal:") or storage.endswith((".journal", ".log")):
+        return Path(storage.removeprefix("journal:"))
+    return None
+
+
 def storage_for(settings: TuneSettings, study_name: str):
     """The Optuna storage the settings name (see the module docstring); None is in-memory."""
     import optuna
@@ -78,10 +88,11 @@ def storage_for(settings: TuneSettings, study_name: str):
     url = settings.storage
     if url is None and settings.study is None:
         return None
-    if url is None or url.startswith("journal:") or url.endswith((".journal", ".log")):
-        path = Path(url.removeprefix("journal:")) if url else STUDIES_DIR / f"{study_name}.journal"
+    path = journal_path(url, study_name)
+    if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
+    assert url is not None
     if "://" not in url:
         raise TuneError(f"--storage '{url}': give an RDB URL (postgresql://…, sqlite:///…) or journal:PATH")
     retry = RetryFailedTrialCallback(max_retry=1)

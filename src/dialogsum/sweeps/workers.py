@@ -11,12 +11,13 @@ not propose the same trials.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 from dialogsum.pipeline.executors import Stage, StageProcess
-from dialogsum.sweeps.tune import STUDIES_DIR, TuneError, TuneSettings
+from dialogsum.sweeps.tune import TuneError, TuneSettings, journal_path
 
 
 def worker_command(settings: TuneSettings, study: str, storage: str, seed: int | None) -> list[str]:
@@ -43,15 +44,11 @@ def shared_storage(settings: TuneSettings, study: str, nodes: int) -> str:
     if url and urlparse(url).password is not None:
         raise TuneError("--storage carries a password, which every Ray worker would receive as an argument; give it "
                         "without the password and put the password in the nodes' environment (PGPASSWORD or ~/.pgpass)")  # fmt: skip
-    local = url is None or url.startswith(("journal:", "sqlite:")) or "://" not in url
-    if nodes > 1 and local:
+    journal = journal_path(url, study)
+    if nodes > 1 and (journal is not None or url.startswith("sqlite:")):
         raise TuneError(f"the Ray cluster has {nodes} nodes but the study's storage ({url or 'a journal file here'}) is on "
                         "this machine's disk; give --storage postgresql://… that every node reaches")  # fmt: skip
-    if url is None:
-        return f"journal:{(STUDIES_DIR / f'{study}.journal').resolve()}"
-    if url.startswith("journal:"):
-        return f"journal:{Path(url.removeprefix('journal:')).resolve()}"
-    return url
+    return f"journal:{journal.resolve()}" if journal is not None else url
 
 
 def run_ray_workers(settings: TuneSettings, workers: int, address: str | None, grace_s: float = 30) -> str:
@@ -60,6 +57,7 @@ def run_ray_workers(settings: TuneSettings, workers: int, address: str | None, g
     reported with its log tail; the study goes on with the others."""
     import optuna
     from rich.console import Console
+    from rich.markup import escape
 
     from dialogsum.config import load_model_config
     from dialogsum.pipeline.ray_executor import RayExecutor
@@ -74,7 +72,7 @@ def run_ray_workers(settings: TuneSettings, workers: int, address: str | None, g
         runner.check_tracking()
         storage = shared_storage(settings, study, len(runner.alive_nodes()))
         # The study and its parent run exist before any worker starts (the parent is `mlflow run`'s run, if any).
-        shared = TuneSettings(**{**vars(settings), "study": study, "storage": storage})
+        shared = dataclasses.replace(settings, study=study, storage=storage)
         opened = storage_for(shared, study)
         parent = study_parent(optuna.create_study(study_name=study, storage=opened, load_if_exists=True, direction=settings.direction),
                               opened, shared)  # fmt: skip
@@ -98,13 +96,16 @@ def run_ray_workers(settings: TuneSettings, workers: int, address: str | None, g
     finally:
         runner.close()
     if len(failed) == workers:
-        reasons = "\n".join(f"{s.name}: {d.error[1] if d.error else f'exit code {d.returncode}'}\n{d.log_tail}" for s, d in failed)
+        reasons = "\n".join(f"{s.name}: {_why(d)}\n{d.log_tail}" for s, d in failed)
         _close_if_running(parent, "failed", "NoWorkerRan", reasons)
         raise TuneError(f"no worker of study {study} ran: {reasons}")
     for stage, done in failed:
-        console.print(f"[yellow]{stage.name} failed[/yellow]: {done.error[1] if done.error else f'exit code {done.returncode}'}\n{done.log_tail}",
-                      markup=True, soft_wrap=True)  # fmt: skip
+        console.print(f"[yellow]{stage.name} failed[/yellow]: {escape(_why(done))}\n{escape(done.log_tail)}", soft_wrap=True)
     return parent
+
+
+def _why(done: StageProcess) -> str:
+    return done.error[1] if done.error else f"exit code {done.returncode}"
 
 
 def _close_if_running(run_id: str, status: str, error_type: str, message: str) -> None:
