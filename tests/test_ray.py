@@ -139,8 +139,10 @@ def test_a_lost_worker_fails_its_child_ctrl_c_cancels_the_rest_and_resume_finish
     config = _config(tmp_path, [{"name": "kobart-tiny", "overrides": SLOW}, {"name": "llama-tiny", "overrides": {**SLOW, "training.epochs": 6}}],
                      timeouts={"grace": 5})  # the YAML says local; the command line says ray
     command = [sys.executable, "-m", "dialogsum", "pipeline", "--config", str(config), "--executor", "ray", "--ray-address", ray_cluster]
-    pipeline = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # the client creates the store's tables now: MLflow migrates a fresh SQLite store without a lock, so a client
+    # opened while the pipeline creates them can break the pipeline's migration
     client = mlflow.MlflowClient(uri)
+    pipeline = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         stages = _wait(lambda: (found := _stage_processes(uri)) and len(found) == 2 and found, 120, "two training processes", pipeline)
         by_model = {client.get_run(run_id).data.tags["dialogsum.model"]: (run_id, p) for run_id, p in stages.items()}
