@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 
 from dialogsum.config import LORA_TARGETS_BY_FAMILY, ConfigError, ModelConfig, load_model_config
 from dialogsum.data import DataError, read_dialogues
+from dialogsum.models import hub_commit
 from dialogsum.precision import DeviceInfo, PrecisionError, check_quantization, detect_device, resolve_precision
 
 GIB = 1024**3
@@ -149,16 +150,16 @@ def weights_available(source: str, revision: str | None = None) -> tuple[bool, s
     """Whether a hub id (at `revision`, default main) or local path can be loaded now: (ok, where or why not)."""
     if Path(source).expanduser().is_dir():
         return True, f"local folder {source}"
-    from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
 
     try:
-        cached = try_to_load_from_cache(source, "config.json", revision=revision)
+        validate_repo_id(source)
     except HFValidationError:
         return False, f"weights unreachable: '{source}' is neither an existing local folder nor a valid hub id"
     at = f" at revision {revision}" if revision else ""
-    if isinstance(cached, str):
-        return True, f"Hugging Face cache (commit {Path(cached).parent.name}{at and ', pinned'})"
+    if commit := hub_commit(source, revision):
+        return True, f"Hugging Face cache (commit {commit}{at and ', pinned'})"
     online, why = hub_reachable()
     if not online:
         return False, f"weights unreachable: '{source}'{at} is not a local folder nor in the Hugging Face cache, and the hub is offline ({why})"
