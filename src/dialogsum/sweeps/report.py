@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from dialogsum.pipeline.matrix import html_page
-from dialogsum.sweeps.tune import BEST_SET_LINE_ARTIFACT, HISTORY_PLOT, STUDY_TAG, TRIALS_TABLE
+from dialogsum.sweeps.tune import BEST_RUN_TAG, BEST_SET_LINE_ARTIFACT, HISTORY_PLOT, METRIC_TAG, STUDY_TAG, TRIALS_TABLE
 from dialogsum.tracking import load_predictions
 
 
@@ -23,14 +23,14 @@ def _cell(value) -> str:
 def render_markdown(parent, trials, set_line: str | None, plot: str | None, level: int = 1) -> str:
     """The study as Markdown, its title at heading `level` (a pipeline report nests it)."""
     metrics = parent.data.metrics
-    metric = next((k.removeprefix("best_") for k in metrics if k.startswith("best_") and k != "best_trial"), "val_final")
     lines = [f"{'#' * level} Study `{parent.data.tags.get(STUDY_TAG, parent.info.run_name)}`", "",
              f"Model `{parent.data.tags.get('dialogsum.model', '?')}`, space `{parent.data.params.get('study.space', '?')}`; "
              f"{int(metrics.get('trials_complete', 0))} complete, {int(metrics.get('trials_pruned', 0))} pruned, "
              f"{int(metrics.get('trials_failed', 0))} failed.", ""]  # fmt: skip
     if "best_trial" in metrics:
+        metric = parent.data.tags[METRIC_TAG]
         lines += [f"**Best trial: {int(metrics['best_trial'])}**, {metric} = {metrics[f'best_{metric}']:.4f} "
-                  f"(run `{parent.data.tags.get('dialogsum.best_trial_run', '?')}`).", ""]  # fmt: skip
+                  f"(run `{parent.data.tags.get(BEST_RUN_TAG, '?')}`).", ""]  # fmt: skip
         if set_line:
             lines += ["Train with it:", "", "```", f"dialogsum train --model {parent.data.tags.get('dialogsum.model', 'MODEL')} {set_line}", "```", ""]
     else:

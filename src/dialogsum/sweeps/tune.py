@@ -31,6 +31,8 @@ from dialogsum.sweeps.space import SearchSpace, load_space
 
 STUDY_TAG = "dialogsum.study"
 TRIAL_TAG = "dialogsum.trial"
+METRIC_TAG = "dialogsum.study.metric"  # on the parent: the metric the study optimizes
+BEST_RUN_TAG = "dialogsum.best_trial_run"
 PARENT_ATTR = "mlflow_parent_run_id"
 RUN_ATTR = "mlflow_run_id"
 OVER_CAP_ATTR = "over_cap"
@@ -338,7 +340,7 @@ def log_study_summary(study, settings: TuneSettings, space: SearchSpace) -> None
         return
     best = study.best_trial
     mlflow.log_metrics({f"best_{settings.metric}": best.value, "best_trial": best.number})
-    mlflow.set_tags({"dialogsum.best_trial_run": best.user_attrs.get(RUN_ATTR, "")})
+    mlflow.set_tags({METRIC_TAG: settings.metric, BEST_RUN_TAG: best.user_attrs.get(RUN_ATTR, "")})
     overrides = {**settings.overrides, **space.fixed, **best.params}
     mlflow.log_text(yaml.safe_dump(overrides, allow_unicode=True, sort_keys=True), BEST_OVERRIDES_ARTIFACT)
     mlflow.log_text(" ".join(f"--set {k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in sorted(overrides.items())),
