@@ -48,6 +48,7 @@ class Stage:
     resources: StageResources = field(default_factory=StageResources)
     group: str | None = None
     run_id: str | None = None
+    resumed_from_epoch: int | None = None  # a resumed training: the epoch of the checkpoint it continues from
 
 
 @dataclass

@@ -247,7 +247,8 @@ class Pipeline:
         previous = self.superseded.get(stage.name)
         if previous:
             mlflow.MlflowClient().set_tag(previous, SUPERSEDED_TAG, stage.run_id)
-        self.console.print(f"[bold]{stage.kind}[/bold] {stage.name} → run {stage.run_id}")
+        resuming = f"resuming run {stage.run_id} from epoch {stage.resumed_from_epoch}" if stage.resumed_from_epoch is not None else ""
+        self.console.print(f"[bold]{stage.kind}[/bold] {stage.name} → {resuming or f'run {stage.run_id}'}")
 
     def _finished(self, stage: Stage, done: StageProcess) -> None:
         self.in_flight.remove(stage)
@@ -287,15 +288,13 @@ class Pipeline:
             resources = self.executor.resources("train", cfg.resources.gpus, cfg.resources.cpus, estimate)
             previous = find_child(children, "train", cfg.name)
             if resumable(previous):
-                run_id = previous.info.run_id
-                self.console.print(f"[bold]train[/bold] {cfg.name} → resuming run {run_id} from epoch "
-                                   f"{previous.data.tags[CHECKPOINT_EPOCH_TAG]}")  # fmt: skip
+                run_id, epoch = previous.info.run_id, int(previous.data.tags[CHECKPOINT_EPOCH_TAG])
                 command = ["train", "--resume", run_id, *self._data_args()]
             else:
-                run_id = None
+                run_id, epoch = None, None
                 command = ["train", "--model", cfg.name, *self._data_args(), *_set_args(model.overrides)]
             timeout = model.timeout or self.cfg.timeouts.train
-            stages.append(Stage("train", cfg.name, command, timeout, resources, "train", run_id))
+            stages.append(Stage("train", cfg.name, command, timeout, resources, "train", run_id, epoch))
         return stages
 
     def _step_stages(self, steps: tuple[str, ...], children: list) -> list[Stage]:
@@ -406,7 +405,6 @@ def resumable(run) -> bool:
     """A training child stopped from outside mid-training (killed, timed out, interrupted) after a checkpoint."""
     return (run is not None and run.data.tags.get(STATUS_TAG) in ("failed", "killed")
             and run.data.tags.get("error.type") in RESUMABLE_ERRORS and CHECKPOINT_EPOCH_TAG in run.data.tags)  # fmt: skip
-
 
 
 _STEP_KIND = {"tune": "tune", "kfold": "kfold", "evaluate_solar": "solar", "ensemble": "ensemble", "optimize": "optimize",
