@@ -230,6 +230,9 @@ def test_sigterm_to_a_pipeline_leaves_no_process_and_no_running_run_and_resume_c
     continued = client.get_run(training.info.run_id)
     assert continued.info.status == "FINISHED" and continued.data.tags["dialogsum.status"] == "succeeded"
     assert continued.data.tags[RESUMED_FROM_TAG] == stopped.data.tags[CHECKPOINT_EPOCH_TAG]
+    said = " ".join(resumed.stderr.split())
+    assert said.count("train kobart-tiny →") == 1, "one line when the resumed training starts"
+    assert f"train kobart-tiny → resuming run {training.info.run_id} from epoch {stopped.data.tags[CHECKPOINT_EPOCH_TAG]}" in said
     assert _steps(client, training.info.run_id, "val_final") == [1, 2, 3]
     trained = client.search_runs([experiment], "tags.`dialogsum.model` = 'llama-tiny' and tags.`dialogsum.status` = 'succeeded'")
     assert len(trained) == 1

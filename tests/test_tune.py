@@ -19,6 +19,7 @@ from dialogsum.sweeps.tune import (
     BEST_OVERRIDES_ARTIFACT,
     BEST_SET_LINE_ARTIFACT,
     HISTORY_PLOT,
+    METRIC_TAG,
     STUDY_TAG,
     TRIAL_TAG,
     TRIALS_TABLE,
@@ -99,6 +100,7 @@ def test_a_pruned_study_records_every_trial_as_a_child_whose_status_matches_optu
     assert report.exit_code == 0, report.output
     html = mlflow.artifacts.load_text(f"runs:/{parent}/report.html")
     assert "Best trial: " in html and "data:image/png;base64," in html and "PRUNED" in html and "FAIL" in html
+    assert run.data.tags[METRIC_TAG] == "val_loss" and f"val_loss = {best.value:.4f}" in html, "the report names the study's metric"
     assert f"{len(pruned)} pruned, 1 failed" in html
 
     third_training_fails()  # restore the real training
