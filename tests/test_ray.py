@@ -135,8 +135,9 @@ def _wait(condition, timeout: float, what: str, process: subprocess.Popen):
 def test_a_lost_worker_fails_its_child_ctrl_c_cancels_the_rest_and_resume_finishes(ray_cluster, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
-    # llama trains long enough to be interrupted after its first checkpoint, whatever the machine's load
-    config = _config(tmp_path, [{"name": "kobart-tiny", "overrides": SLOW}, {"name": "llama-tiny", "overrides": {**SLOW, "training.epochs": 6}}],
+    # kobart is killed while it starts; llama trains long enough (3 epochs after its first checkpoint) to be
+    # interrupted mid-training whatever the machine's load
+    config = _config(tmp_path, [{"name": "kobart-tiny", "overrides": {**SLOW, "training.epochs": 1}}, {"name": "llama-tiny", "overrides": {**SLOW, "training.epochs": 4}}],
                      timeouts={"grace": 5})  # the YAML says local; the command line says ray
     command = [sys.executable, "-m", "dialogsum", "pipeline", "--config", str(config), "--executor", "ray", "--ray-address", ray_cluster]
     # the client creates the store's tables now: MLflow migrates a fresh SQLite store without a lock, so a client
