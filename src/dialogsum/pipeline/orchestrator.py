@@ -247,8 +247,9 @@ class Pipeline:
         previous = self.superseded.get(stage.name)
         if previous:
             mlflow.MlflowClient().set_tag(previous, SUPERSEDED_TAG, stage.run_id)
-        resuming = f"resuming run {stage.run_id} from epoch {stage.resumed_from_epoch}" if stage.resumed_from_epoch is not None else ""
-        self.console.print(f"[bold]{stage.kind}[/bold] {stage.name} → {resuming or f'run {stage.run_id}'}")
+        resumed = stage.resumed_from_epoch is not None
+        target = f"resuming run {stage.run_id} from epoch {stage.resumed_from_epoch}" if resumed else f"run {stage.run_id}"
+        self.console.print(f"[bold]{stage.kind}[/bold] {stage.name} → {target}")
 
     def _finished(self, stage: Stage, done: StageProcess) -> None:
         self.in_flight.remove(stage)
