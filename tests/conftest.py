@@ -4,7 +4,8 @@ a temporary MLflow store.
 Most tests run on the project's own data: the sample set bundled with the package and tokenizers trained from it.
 The few tests whose point is a real third-party asset (the real KoBART / Qwen3 tokenizers, the competition rows)
 are marked `@pytest.mark.real_assets("name", ...)` and get the files from the `real_asset` fixture, which looks in
-`../shared`, then `$DIALOGSUM_TEST_ASSETS`, then (tokenizers only) the Hugging Face cache or hub. When an asset
+`../shared`, then `$DIALOGSUM_TEST_ASSETS`, then `.test-assets/` (filled by `scripts/fetch_test_assets.sh` with the
+real tokenizers that ../shared lacks), then (tokenizers only) the Hugging Face cache or hub. When an asset
 is missing these tests are deselected and the run ends with one line saying how many and how to provide them. In
 CI (`CI=true`) they are required: they stay selected and a missing asset fails them.
 """
@@ -21,6 +22,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+FETCHED = REPO / ".test-assets"  # scripts/fetch_test_assets.sh
 ASSETS_ENV = "DIALOGSUM_TEST_ASSETS"
 # name → path under ../shared (or $DIALOGSUM_TEST_ASSETS); tokenizers also resolve from the hub id.
 REAL_ASSETS = {
@@ -28,6 +30,8 @@ REAL_ASSETS = {
     "unlabeled": "data/dialogsum-ko/unlabeled.csv",
     "kobart-tokenizer": "tokenizers/kobart",
     "qwen3-tokenizer": "tokenizers/qwen3",
+    "solar-tokenizer": "tokenizers/mistral-7b",  # SOLAR-10.7B's 32,000-piece vocabulary (not its chat template)
+    "llama3-tokenizer": "tokenizers/llama3",  # Llama-3.1/3.2's 128,256 tokens (scripts/fetch_test_assets.sh)
 }
 TOKENIZER_HUB_IDS = {"kobart-tokenizer": "gogamza/kobart-base-v2", "qwen3-tokenizer": "Qwen/Qwen3-4B-Instruct-2507"}
 TOKENIZER_FILES = ["tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "config.json", "*.jinja"]
@@ -70,7 +74,7 @@ def _from_hub(name: str) -> Path | None:
 def find_asset(name: str) -> Path | None:
     """Where real asset `name` is: ../shared, then $DIALOGSUM_TEST_ASSETS, then the hub (tokenizers); None if nowhere."""
     relative = REAL_ASSETS[name]
-    folders = [SHARED] + ([Path(os.environ[ASSETS_ENV])] if os.environ.get(ASSETS_ENV) else [])
+    folders = [SHARED] + ([Path(os.environ[ASSETS_ENV])] if os.environ.get(ASSETS_ENV) else []) + [FETCHED]
     for folder in folders:
         if (folder / relative).exists():
             return folder / relative
@@ -136,7 +140,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
         where = ", ".join(f"{REAL_ASSETS[n]}" for n in record["assets"])
         terminalreporter.write_line(
             f"real assets: {record['tests']} test(s) deselected, missing {where}. Provide them in {SHARED} or "
-            f"${ASSETS_ENV} (same layout; tokenizers also come from the Hugging Face cache or hub); CI=true requires them."
+            f"${ASSETS_ENV} or run scripts/fetch_test_assets.sh (same layout; tokenizers also come from the Hugging Face cache or hub); CI=true requires them."
         )
 
 
