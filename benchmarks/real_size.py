@@ -145,7 +145,9 @@ def run_measurement(name: str, layers: int | None, batch_size: int, device: str)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def estimate(name: str, batch_size: int, device: str, layers: int | None = None) -> float:
+def estimate(name: str, batch_size: int, device: str, layers: int | None = None, compute_dtype: str | None = None) -> float:
+    """Preflight's estimate for `name` at `batch_size` (KoBART at `layers` per stack when given), in `compute_dtype`,
+    or when unset in the config's precision on this machine for `device` "cuda" and in fp32 for "cpu"."""
     from dialogsum.config import load_model_config
     from dialogsum.precision import detect_device, resolve_precision
     from dialogsum.preflight import estimate_memory
@@ -158,8 +160,10 @@ def estimate(name: str, batch_size: int, device: str, layers: int | None = None)
         params = cfg.dimensions.vocab_size * cfg.dimensions.hidden_size + per_layer * 2 * layers
         cfg = cfg.model_copy(update={"params_billions": params / 1e9,
                                      "dimensions": cfg.dimensions.model_copy(update={"num_layers": 2 * layers})})  # fmt: skip
-    dtype = resolve_precision(cfg.precision, detect_device()).torch_dtype() if device == "cuda" else None
-    return estimate_memory(cfg, str(dtype).removeprefix("torch.") if dtype else "float32").total
+    if compute_dtype is None:
+        dtype = resolve_precision(cfg.precision, detect_device()).torch_dtype() if device == "cuda" else None
+        compute_dtype = str(dtype).removeprefix("torch.") if dtype else "float32"
+    return estimate_memory(cfg, compute_dtype).total
 
 
 def extrapolate(points: dict[int, float], depth: int) -> float:
