@@ -1,6 +1,8 @@
 """Generation on a small BART (KoBART architecture at toy size, random init, a tokenizer trained from the bundled
 sample) and its Korean dialogues: beam search with the cache that keeps cross-attention keys and values in place writes exactly
-the summaries transformers' own cache writes, and every beam reorder it skips stays within one dialogue."""
+the summaries transformers' own cache writes, and every beam reorder it skips stays within one dialogue. Forced by a hook on
+its output layer to write a given summary, it shows what the no-repeat-n-gram rules let through: a speaker named twice
+under the tag-aware rule, not under transformers'; a repeated phrase under neither."""
 
 from __future__ import annotations
 
@@ -118,3 +120,87 @@ def test_qwen3_chat_summaries_stop_at_im_end(real_asset):
 
     ids = stop_token_ids(Card(), tokenizer, cfg)
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") in ids and tokenizer.convert_tokens_to_ids("<|endoftext|>") in ids
+
+
+# --- no-repeat n-grams that let a summary name a speaker twice ------------------------------------------------------
+
+# Reference summaries of the bundled sample, as written: the first names #Person2# after a space twice, so it repeats
+# the bigram (`▁`, `#Person2#`); the second repeats the bigram (`▁함께`, `▁가기로`) of ordinary words.
+SPEAKERS_TWICE = "#Person1#과 #Person2#는 과학 실험 보고서를 함께 쓰기로 하고, 4시에 도서관에서 만나 #Person1#이 그래프를, #Person2#가 요약을 맡기로 합니다."
+PHRASE_TWICE = "#Person1#과 #Person2#는 함께 가기로 하고, 함께 가기로 합니다."
+
+
+def forced_to_write(model, token_ids: list[int]):
+    """A forward hook on the output layer adding 100 to the logit of the next token of `token_ids` (then EOS) in
+    every row, so beam search writes exactly `token_ids` unless a logits processor forbids one of them."""
+    script = token_ids + [model.config.eos_token_id]
+    steps: list[int] = []
+
+    def lift(module, args, logits):
+        step = min(len(steps), len(script) - 1)
+        steps.append(1)
+        logits = logits.clone()
+        logits[:, -1, script[step]] += 100.0
+        return logits
+
+    return model.get_output_embeddings().register_forward_hook(lift)
+
+
+def summarize_forced(model, tokenizer, cfg, dialogues, text: str, ngram_size: int) -> list[str]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    hook = forced_to_write(model, ids)
+    try:
+        generation = {"num_beams": 2, "max_new_tokens": len(ids) + 1, "min_new_tokens": 1,
+                      "no_repeat_ngram_size": ngram_size, "repetition_penalty": 1.0}  # fmt: skip
+        return summarize(model, tokenizer, cfg, dialogues[:2], 2, generation)
+    finally:
+        hook.remove()
+
+
+def test_a_speaker_can_be_named_twice_under_no_repeat_ngrams(model_and_dialogues, monkeypatch):
+    """The tiny BART is forced to write a real summary that names #Person2# twice (beam search, two dialogues in a
+    batch): transformers' rule at size 2 blocks the second (`▁`, `#Person2#`); the tag-aware rule lets it through."""
+    from transformers import NoRepeatNGramLogitsProcessor
+
+    model, tokenizer, cfg, dialogues = model_and_dialogues
+    assert summarize_forced(model, tokenizer, cfg, dialogues, SPEAKERS_TWICE, 0) == [SPEAKERS_TWICE] * 2  # the forcing works
+    assert summarize_forced(model, tokenizer, cfg, dialogues, SPEAKERS_TWICE, 2) == [SPEAKERS_TWICE] * 2
+    monkeypatch.setattr(dialogsum.generate, "TagAwareNoRepeatNGram", lambda n, *exempt: NoRepeatNGramLogitsProcessor(n))
+    blocked = summarize_forced(model, tokenizer, cfg, dialogues, SPEAKERS_TWICE, 2)
+    assert all(summary != SPEAKERS_TWICE for summary in blocked), blocked
+
+
+def test_a_repeated_phrase_is_still_blocked(model_and_dialogues):
+    """Forced to write `함께 가기로` twice, beam search under the tag-aware rule writes it once (where it gives up
+    the forced token is the beams' choice)."""
+    model, tokenizer, cfg, dialogues = model_and_dialogues
+    assert summarize_forced(model, tokenizer, cfg, dialogues, PHRASE_TWICE, 0) == [PHRASE_TWICE] * 2
+    for summary in summarize_forced(model, tokenizer, cfg, dialogues, PHRASE_TWICE, 2):
+        assert summary.count("함께 가기로") == 1, summary
+
+
+def test_tag_aware_no_repeat_is_transformers_rule_on_the_generated_tokens():
+    """Without tags it bans what transformers' processor bans on the generated part, row by row (3 dialogues × 2
+    beams); an n-gram seen only in the prompt bans nothing; n-grams holding a tag, or ending with the space piece,
+    are not banned."""
+    from transformers import NoRepeatNGramLogitsProcessor
+
+    from dialogsum.generate import TagAwareNoRepeatNGram
+
+    torch.manual_seed(0)
+    input_ids, scores = torch.randint(0, 6, (6, 14)), torch.randn(6, 12)
+    for n in (2, 3):
+        theirs = NoRepeatNGramLogitsProcessor(n)(input_ids[:, 4:], scores.clone())
+        assert torch.isinf(theirs).any()
+        assert torch.equal(TagAwareNoRepeatNGram(n, [], [], prompt_length=4)(input_ids, scores.clone()), theirs)
+    prompt, space, tag = [7, 8], 9, 10
+    rule = TagAwareNoRepeatNGram(2, [tag], [space], prompt_length=len(prompt))
+
+    def banned(generated: list[int]) -> list[int]:
+        return torch.isinf(rule(torch.tensor([prompt + generated]), torch.zeros(1, 12))[0]).nonzero().flatten().tolist()
+
+    assert banned([7]) == [], "(7, 8) is only in the prompt"
+    assert banned([7, 8, 7]) == [8]
+    assert banned([space, tag, 5, space]) == [], "(space, tag) holds a tag"
+    assert banned([5, space, 6, 5]) == [], "(5, space) ends with the space piece"
+    assert banned([5, space, 6, space]) == [6], "a space inside an n-gram exempts nothing"

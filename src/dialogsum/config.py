@@ -56,7 +56,9 @@ class LoraSettings(StrictModel):
 
 
 class GenerationSettings(StrictModel):
-    """Decoding settings. `repetition_penalty` counts generated tokens only, never the prompt. `stop_tokens`: the
+    """Decoding settings. `repetition_penalty` counts generated tokens only, never the prompt; so does
+    `no_repeat_ngram_size` (0: off), which never blocks an n-gram holding a dialogue tag or ending with the space
+    before one (`generate.TagAwareNoRepeatNGram`), so a summary can name `#Person1#` twice. `stop_tokens`: the
     model card's terminators (e.g. Llama-3's `<|eot_id|>`), added to the model's own generation-config EOS ids and
     the tokenizer's EOS; any of them ends a summary. Every field but `stop_tokens` can be overridden per request."""
 

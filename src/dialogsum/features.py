@@ -1,14 +1,18 @@
 """From dialogues to token ids: prompts, targets ending in EOS, cached tokenization, transformers' collator and
 length-grouped sampler.
 
-Seq2seq: the encoder reads the dialogue; labels are the summary + EOS. Causal: the prompt (chat template or
-instruction template) followed by summary + EOS, with the prompt positions masked out of the loss (-100).
-Dialogues that do not fit `max_source_length` are cut at the dialogue, never at the instruction.
+Seq2seq: the encoder reads BOS + dialogue + EOS (KoBART's model card); labels are the summary + EOS. Causal: the
+prompt (chat template or instruction template) followed by summary + EOS, with the prompt positions masked out of
+the loss (-100). A prompt starts with the tokenizer's BOS exactly once when the tokenizer defines one: added where
+the rendered prompt has none (SOLAR's template; its model card's `tokenizer(prompt)` adds it), kept where the chat
+template writes it (Llama-3's `<|begin_of_text|>`), none for a tokenizer without one (Qwen3). Dialogues that do
+not fit `max_source_length` are cut at the dialogue, never at the instruction.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
 
@@ -46,10 +50,18 @@ def _render_prompt(cfg: ModelConfig, tokenizer, dialogue: str) -> list[int]:
             {"role": "user", "content": cfg.prompt.instruction.format(dialogue=dialogue)},
         ]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    text = cfg.prompt.template.format(dialogue=dialogue)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+    else:
+        text = cfg.prompt.template.format(dialogue=dialogue)
+    return _led_by_one_bos(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _led_by_one_bos(tokenizer, ids: list[int]) -> list[int]:
+    """`ids` starting with exactly one BOS when the tokenizer defines one (a BOS the template already wrote is not
+    repeated); unchanged for a tokenizer without BOS."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return ids
+    return [bos] + list(itertools.dropwhile(lambda token: token == bos, ids))
 
 
 def target_ids(cfg: ModelConfig, tokenizer, summary: str) -> list[int]:

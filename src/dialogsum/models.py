@@ -56,7 +56,8 @@ def train_tokenizer(texts: list[str], cfg: ModelConfig):
 
 
 def load_tokenizer(cfg: ModelConfig, train_texts: list[str] | None = None):
-    """The config's tokenizer with the dialogue tags added as single (non-special, so never stripped) tokens."""
+    """The config's tokenizer with the dialogue tags added as single (non-special, so never stripped) tokens, and
+    the text after a tag kept attached to it (`prepend_space_at_start_only`)."""
     from transformers import AutoTokenizer
 
     source = cfg.tokenizer.path or cfg.hub_id
@@ -67,6 +68,7 @@ def load_tokenizer(cfg: ModelConfig, train_texts: list[str] | None = None):
     else:
         raise ValueError(f"model '{cfg.name}' has no tokenizer path and no training texts to train one from")
     add_dialogue_tokens(tokenizer)
+    prepend_space_at_start_only(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -95,6 +97,25 @@ def add_dialogue_tokens(tokenizer) -> int:
     from tokenizers import AddedToken
 
     return tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in SPECIAL_TOKENS])
+
+
+def prepend_space_at_start_only(tokenizer) -> None:
+    """Set a Metaspace pre-tokenizer and decoder (KoBART's, and the SentencePiece BPE tokenizers trained here) to
+    `prepend_scheme: first`: `▁` is prepended to the start of the text only, not again after every added token.
+    With `always`, `#Person2#는` is split `#Person2#`, `▁는` and decodes as `#Person2# 는`; with `first` the text
+    after a tag stays attached as written, as the tokenizer split it before the tag was one token. The setting is
+    part of the backend's serialized state, so `save_pretrained` and every load of the saved tokenizer keep it.
+    Other pre-tokenizers (byte-level BPE: Llama-3, Qwen3) are left as they are."""
+    from tokenizers import decoders, pre_tokenizers
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return
+    pre_tokenizer = backend.pre_tokenizer  # a handle on the backend's own objects: they are set in place
+    steps = list(pre_tokenizer) if isinstance(pre_tokenizer, pre_tokenizers.Sequence) else [pre_tokenizer]
+    for step in steps + [backend.decoder]:
+        if isinstance(step, (pre_tokenizers.Metaspace, decoders.Metaspace)):
+            step.prepend_scheme = "first"
 
 
 def materialize_random_init(cfg: ModelConfig, tokenizer) -> Path:
@@ -295,3 +316,14 @@ def _wrap_lora(model, cfg: ModelConfig, tag_token_ids: list[int]):
                                  **({} if output_is_tied(model) else {module_name(model, model.get_output_embeddings()): tag_token_ids})},  # fmt: skip
     )
     return get_peft_model(model, lora)
+
+
+def quantized_linear_layers(model) -> int:
+    """How many of the model's linear layers hold bitsandbytes 4-bit or 8-bit weights. Counted by class, not by
+    class name: peft wraps each quantized layer of a LoRA target in a `peft.tuners.lora.bnb.Linear4bit` of the same
+    name, which would count every target twice."""
+    try:
+        from bitsandbytes.nn import Linear4bit, Linear8bitLt
+    except ImportError:  # bitsandbytes cannot load on this machine: nothing can be quantized
+        return 0
+    return sum(1 for m in model.modules() if isinstance(m, (Linear4bit, Linear8bitLt)))
