@@ -231,7 +231,7 @@ def run_training(
     from torch.utils.data import DataLoader
 
     from dialogsum.features import EpochSeededSampler, build_collator, tokenize_rows
-    from dialogsum.models import build_model, cache_dir, load_tokenizer
+    from dialogsum.models import build_model, cache_dir, load_tokenizer, quantized_linear_layers
     from dialogsum.precision import resolve_precision
     from dialogsum.serving import saved_model
 
@@ -261,7 +261,7 @@ def run_training(
                                                          (TOKENIZER_COMMIT_TAG, built.tokenizer_commit)) if commit})  # fmt: skip
     if track and not resume:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        quantized = sum(1 for m in model.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt"))
+        quantized = quantized_linear_layers(model)
         mlflow.log_params({"model.trainable_params": trainable, "model.total_params": sum(p.numel() for p in model.parameters()),
                            "model.quantized_linear_layers": quantized,
                            "model.dialogue_tag_tokens": len(set(built.tag_token_ids)), "model.vocab_size": len(tokenizer), "model.weights_source": built.base_source,
