@@ -2,18 +2,18 @@
 ROUGE change on a trained small model.
 
 1. Speed and size: a BART of KoBART's shape (6+6 layers, d_model 768, 16 heads, FFN 3072, the real KoBART
-   tokenizer: 30,000 pieces + the dialogue tags), random init, saved like a trained model. fp32 and each variant
-   (`--variants`, default int8; bnb-nf4 and bnb-int8 run on bitsandbytes' CPU backend) are each loaded once and
-   swept over every batch size on real Korean dialogues (their real length mix), through
-   `dialogsum.optimize.measure_variants`. Random weights never emit EOS early, so every summary has exactly
-   `--max-new-tokens` tokens and every variant does the same work. Printed: size on disk of each saved model and
-   its ratio to fp32; each variant's throughput ratio to fp32 per batch size and each at its best batch size; the
+   tokenizer: 30,000 pieces + the dialogue tags), random init, saved like a trained model. The model as saved
+   (`scored`: fp32 on the CPU) and each variant (`--variants`, default int8; bnb-nf4 and bnb-int8 run on
+   bitsandbytes' CPU backend) are each loaded once and swept over every batch size on real Korean dialogues (their
+   real length mix), through `dialogsum.optimize.measure_variants`. Random weights never emit EOS early, so every
+   summary has exactly `--max-new-tokens` tokens and every variant does the same work. Printed: size of each model
+   and the computed fp32 size over it; each variant's throughput ratio to fp32 per batch size and each at its best batch size; the
    chosen variant's ratio at the chosen batch size (`recommend`'s rule on speed alone: random weights have no
    quality to keep) by wall time and by process CPU time per sample; the sweep overhead (load + quantize +
    warm-up + sweep wall time over pure generation time). Other work on a shared machine inflates wall time (and,
    through OpenMP spin-waits, CPU time): the load average is printed.
 2. Quality: a kobart-tiny model trained briefly on real rows, optimised by `optimize_run` into a temporary
-   MLflow store on rows it never trained on; printed: Korean ROUGE final of fp32 and each variant on the same
+   MLflow store on rows it never trained on; printed: Korean ROUGE final of the fp32 model and each variant on the same
    rows, the change with its paired-bootstrap interval, the agreement.
 
 Targets: throughput ratio >= 3, ROUGE change <= 0.5 final, sweep overhead <= 1.2.
@@ -61,7 +61,7 @@ def kobart_sized_model(folder: Path) -> Path:
 def speed_and_size(args, workdir: Path) -> None:
     from dialogsum.data import read_dialogues
     from dialogsum.optimize import Budget, SweepSettings, measure_variants, recommend
-    from dialogsum.quantize import resolve_variants
+    from dialogsum.quantize import BASELINE, resolve_variants
 
     data = read_dialogues(LABELLED, require_summary=True).head(args.n_samples)
     generation = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens, "min_new_tokens": args.max_new_tokens,
@@ -71,7 +71,7 @@ def speed_and_size(args, workdir: Path) -> None:
     report = measure_variants(model_dir, variants, data, args.batch_sizes, device="cpu", workdir=workdir / "variants",
                               generation=generation, settings=SweepSettings(min_gain=args.min_gain))  # fmt: skip
     results = report.results
-    fp32 = results["fp32"]
+    fp32 = results[BASELINE]  # the saved model, which trained (and so is scored) in fp32 on the CPU
     print(f"\n== KoBART-sized BART ({report.total_params / 1e6:.1f}M parameters), {len(data)} real dialogues, generation {generation}")
     print(f"{'variant':<9}{'batch':>6}{'status':>8}{'p50 s':>9}{'p95 s':>9}{'samples/s':>11}{'cpu s/sample':>14}{'peak RSS GB':>13}")
     for result in results.values():
@@ -82,7 +82,7 @@ def speed_and_size(args, workdir: Path) -> None:
         print(f"  {result.sweep.variant}: {result.sweep.stop_reason}")
     print("size on disk / weights in memory (peak RSS above is the whole process, including what earlier variants left behind):")
     for name, r in results.items():
-        print(f"  {name:<9}{r.size_bytes / 1e6:>8.1f} MB on disk (fp32 / this: {fp32.size_bytes / r.size_bytes:.2f}x), "
+        print(f"  {name:<9}{r.size_bytes / 1e6:>8.1f} MB (computed fp32 / this: {report.fp32_size_bytes / r.size_bytes:.2f}x), "
               f"{r.model_bytes / 1e6:.1f} MB in memory")  # fmt: skip
     quality = {name: r.quality for name, r in results.items() if r.quality}
     choice = recommend(report.sweeps, quality, {n: r.size_bytes for n, r in results.items()}, Budget(max_rouge_drop=float("inf")))
@@ -92,10 +92,10 @@ def speed_and_size(args, workdir: Path) -> None:
         ratios = [f"{p.batch_size}: {p.throughput_sps / base.throughput_sps:.2f}x" for p in results[name].sweep.points
                   if p.ok and (base := fp32.sweep.point(p.batch_size)) is not None]  # fmt: skip
         print(f"{name}/fp32 throughput by batch size: {', '.join(ratios)}; each at its best batch size: "
-              f"{best[name].throughput_sps:.2f} (batch {best[name].batch_size}) / {best['fp32'].throughput_sps:.2f} "
-              f"(batch {best['fp32'].batch_size}) = {best[name].throughput_sps / best['fp32'].throughput_sps:.2f}x")  # fmt: skip
+              f"{best[name].throughput_sps:.2f} (batch {best[name].batch_size}) / {best[BASELINE].throughput_sps:.2f} "
+              f"(batch {best[BASELINE].batch_size}) = {best[name].throughput_sps / best[BASELINE].throughput_sps:.2f}x")  # fmt: skip
     fast, slow = results[choice.variant].sweep.point(choice.batch_size), fp32.sweep.point(choice.batch_size)
-    if choice.variant == "fp32":
+    if choice.variant == BASELINE:
         print(f"no quantized variant beat fp32 (batch size {choice.batch_size}); no throughput ratio")
     elif slow is None:
         print(f"fp32 did not run batch size {choice.batch_size}; no throughput ratio there")
@@ -131,18 +131,18 @@ def quality(args, workdir: Path) -> None:
                              n_samples=args.quality_samples, settings=SweepSettings(min_batches=1))  # fmt: skip
     m = mlflow.get_run(optimized).data.metrics
     print(f"\n== trained kobart-tiny ({cut} training rows), its own generation settings, on the {args.quality_samples} held-out "
-          f"rows it never trained on; Korean ROUGE final: fp32 {m['fp32_val_final']:.2f}")  # fmt: skip
+          f"rows it never trained on; Korean ROUGE final: fp32 {m['scored_val_final']:.2f}")  # fmt: skip
     for name in resolve_variants(args.variants, "cpu")[1:]:
         prefix = VARIANTS[name].metric_prefix
         print(f"{name}: {m[f'{prefix}_val_final']:.2f} -> change {-m[f'{prefix}_rouge_drop']:+.2f} (target: drop <= 0.5), "
-              f"paired difference {m[f'{prefix}_val_diff_vs_fp32']:+.2f} [{m[f'{prefix}_val_diff_vs_fp32_ci95_low']:+.2f}, "
-              f"{m[f'{prefix}_val_diff_vs_fp32_ci95_high']:+.2f}]; agreement with fp32: ROUGE final "
+              f"paired difference {m[f'{prefix}_val_diff_vs_scored']:+.2f} [{m[f'{prefix}_val_diff_vs_scored_ci95_low']:+.2f}, "
+              f"{m[f'{prefix}_val_diff_vs_scored_ci95_high']:+.2f}]; agreement with fp32: ROUGE final "
               f"{m[f'{prefix}_agreement_final']:.1f}, identical {m[f'{prefix}_exact_match']:.0%}")  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", default="int8", help="variants besides fp32, e.g. int8,bnb-nf4,bnb-int8")
+    parser.add_argument("--variants", default="int8", help="variants besides the saved fp32 model, e.g. int8,bnb-nf4,bnb-int8")
     parser.add_argument("--n-samples", type=int, default=16)
     parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
     parser.add_argument("--num-beams", type=int, default=1)

@@ -9,6 +9,9 @@ the later loads run in subprocesses so each sees that cache through its environm
 After training, `main` moves to a second commit with other weights (the authors pushed an update). The run's
 model must still be the one it scored: `mlflow models serve`, offline, answers with the summaries the training
 run's validation table holds for the same rows (greedy), from the same 4-bit base at the commit it trained on.
+
+One numerics: a kobart-tiny trained with `precision: bf16` records fp32 weights under bf16 autocast, and its
+validation, the test-score path and the served pyfunc compute alike and write the same summaries.
 """
 
 from __future__ import annotations
@@ -208,7 +211,8 @@ def test_export_copies_the_scored_model_or_merges_it_and_says_it_differs(trained
     assert "not the model whose scores were logged" in (result.stdout + result.stderr).replace("\n", " ")
     model, _, _ = saved_model.load(tmp_path / "merged", device="cpu")  # no peft, no bitsandbytes, no hub
     assert not any(type(m).__name__.startswith("Linear4bit") or "lora" in type(m).__name__.lower() for m in model.modules())
-    assert model.dtype == torch.float32, "loaded in the CPU's dtype"
+    assert merged.numerics.model_dump() == {"dtype": "float16", "autocast": None}
+    assert model.dtype == torch.float16, "loaded in the dtype it records, on any device"
     assert json.loads((tmp_path / "merged" / "weights" / "config.json").read_text())["dtype"] == "float16"
     again = CliRunner().invoke(app, ["export", "--model-uri", uri, "--out", str(tmp_path / "merged")])
     assert again.exit_code == 1 and "exists" in again.output
@@ -231,3 +235,75 @@ def test_one_module_owns_the_folder_and_models_and_quantize_do_not_import_each_o
     assert "dialogsum.models" not in _imports(SRC / "quantize.py")
     writers = [p for p in SRC.rglob("*.py") if "INFO_FILE" in p.read_text(encoding="utf-8") or "dialogsum_model.json" in p.read_text(encoding="utf-8")]
     assert writers == [SRC / "serving" / "saved_model.py"], writers
+
+
+NUMERICS_SCRIPT = """
+import json, sys, torch
+import mlflow
+import dialogsum.generate
+import dialogsum.training.recipe as recipe
+from dialogsum.precision import DeviceInfo
+from dialogsum.serving import saved_model
+from dialogsum.serving.pyfunc import logged_model_dir
+
+recipe.detect_device = lambda: DeviceInfo("cuda", "stand-in bf16 GPU", True, 80 << 30, 80 << 30)
+real_summarize = dialogsum.generate.summarize
+used = {}
+
+def record_linears(model, record):
+    return [m.register_forward_hook(lambda mod, args, out: record.add((str(mod.weight.dtype), str(out.dtype))))
+            for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+def recording_summarize(model, *args, **kwargs):  # what each caller's model computed in: (weight, output) dtypes
+    hooks = record_linears(model, used.setdefault(sys._getframe(1).f_code.co_name, set()))
+    try:
+        return real_summarize(model, *args, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+dialogsum.generate.summarize = recording_summarize
+run_id = recipe.train_model("kobart-tiny", overrides={"precision": "bf16", "training.epochs": 1, "training.max_train_samples": 16,
+                            "training.max_validation_samples": 6, "training.max_test_samples": 2, "generation.max_new_tokens": 8})
+uri = f"runs:/{run_id}/kobart-tiny"
+folder = logged_model_dir(uri)
+info = saved_model.read(folder)
+batch = info.config.training.eval_batch_size
+validation = recipe.roles_for(info.config, None, None, None).validation
+table = mlflow.load_table("predictions.json", run_ids=[run_id])
+tested = recipe.evaluate_saved_model(folder, validation, batch).predictions
+pyfunc = mlflow.pyfunc.load_model(uri)
+served_used = set()
+record_linears(pyfunc.unwrap_python_model().model, served_used)
+served = list(pyfunc.predict([{"dialogue": d} for d in validation.dialogues], params={"batch_size": batch}))
+model, tokenizer, _ = saved_model.load(folder)
+plain, _, _ = saved_model.load(folder, dtype=torch.float32)  # the old CPU path: fp32 without the autocast
+ids = tokenizer(validation.dialogues[0], return_tensors="pt")
+with torch.no_grad():
+    gap = (model(**ids, labels=ids["input_ids"]).logits - plain(**ids, labels=ids["input_ids"]).logits).abs().max().item()
+print(json.dumps({"numerics": info.numerics.model_dump(), "describe": saved_model.describe(folder)["weights"],
+                  "precision": mlflow.get_run(run_id).data.tags["dialogsum.precision"], "fnames": [list(table["fname"]), validation.fnames],
+                  "validation": list(table["prediction"]), "tested": tested, "served": served,
+                  "used": {k: sorted(v) for k, v in used.items()}, "served_used": sorted(served_used), "gap": gap}, ensure_ascii=False))
+"""
+
+
+def test_validation_test_and_serving_compute_in_the_recorded_numerics_and_write_the_same_summaries(tmp_path):
+    """A bf16 GPU is stood in for (no GPU here): `detect_device` reports one, so `precision: bf16` resolves to bf16
+    autocast, which accelerate runs on the CPU as it would on the GPU. Before, the CPU test and serving path loaded
+    plain fp32 (and a GPU pure bf16): its logits differ from the recorded numerics'. Runs in a subprocess because
+    accelerate's mixed precision is fixed once per process."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # no other test's run or experiment
+    env = {**inherited, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    result = subprocess.run([sys.executable, "-c", NUMERICS_SCRIPT], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-5000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["precision"] == "cuda:bfloat16"
+    assert out["numerics"] == {"dtype": "float32", "autocast": "bfloat16"}, "fp32 master weights under the training's autocast"
+    assert "computing in float32 under bfloat16 autocast" in out["describe"]
+    assert out["fnames"][0] == out["fnames"][1]
+    assert out["validation"] == out["tested"] == out["served"], "validation, test and serving write the same summaries"
+    fp32_under_bf16 = [["torch.float32", "torch.bfloat16"]]
+    assert out["used"] == {"validate": fp32_under_bf16, "evaluate_saved_model": fp32_under_bf16, "predict": fp32_under_bf16}
+    assert out["served_used"] == fp32_under_bf16
+    assert out["gap"] > 1e-4, "without the recorded autocast the model computes other logits"

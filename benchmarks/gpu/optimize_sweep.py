@@ -2,7 +2,8 @@
 bnb-int8 / bnb-nf4, which need the bitsandbytes package) on CUDA, printed as one table.
 
 The model has KoBART's shape (6+6 layers, d_model 768, 16 heads, FFN 3072, vocabulary 30,000), random init.
-Each variant is made once from the same fp32 weights (`dialogsum.quantize.prepare_variant`) and swept with
+Each variant is made once from the same fp32 weights (fp32 itself: a copy on the GPU; the others by
+`dialogsum.quantize.prepare_variant`) and swept with
 `dialogsum.optimize.sweep_batch_sizes`, the code `dialogsum optimize` runs: warm-up, at least `--min-batches`
 timed batches per batch size over real dialogues in data order, growth stopped at an out-of-memory error or
 when throughput improves by less than `--min-gain`. Random weights never emit EOS early, so every output has
@@ -34,6 +35,7 @@ SHARED_CANDIDATES = (ROOT / "shared", ROOT.parent / "shared")
 KOBART_SHAPE = {"vocab_size": 30000, "d_model": 768, "encoder_layers": 6, "decoder_layers": 6, "encoder_attention_heads": 16,
                 "decoder_attention_heads": 16, "encoder_ffn_dim": 3072, "decoder_ffn_dim": 3072, "max_position_embeddings": 1026}  # fmt: skip
 MAX_SOURCE_TOKENS = 512
+REFERENCE = "fp32"  # the random-init model as made, every variant's reference here
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -118,7 +120,8 @@ def sweep(base, names: list[str], encoded, pad_id: int, device: str, batch_sizes
     with tempfile.TemporaryDirectory() as staging:
         for name in names:
             start = time.perf_counter()
-            model = prepare_variant(copy.deepcopy(base), name, device, Path(staging) / name)
+            fresh = copy.deepcopy(base)
+            model = fresh.to(device) if name == REFERENCE else prepare_variant(fresh, name, device, Path(staging) / name)
             load_s = time.perf_counter() - start
             result = sweep_batch_sizes(make_generate(model, encoded, pad_id, device, *generation), len(encoded), batch_sizes,
                                        variant=name, device=device, settings=settings)  # fmt: skip
@@ -149,11 +152,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import torch
 
-    from dialogsum.quantize import VARIANTS
+    from dialogsum.quantize import BASELINE, VARIANTS
 
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    on_cuda = [name for name, v in VARIANTS.items() if v.device in (None, "cuda")]
-    if any(v not in on_cuda for v in names) or not names or names[0] != "fp32":
+    on_cuda = [REFERENCE] + [name for name, v in VARIANTS.items() if v.device in (None, "cuda") and name != BASELINE]
+    if any(v not in on_cuda for v in names) or not names or names[0] != REFERENCE:
         raise SystemExit(f"--variants must start with fp32 and use {', '.join(on_cuda)} (got {args.variants})")
     dialogues, tokenizer, source = dialogues_and_tokenizer(args.n_samples)
     encoded = [tokenizer(d)["input_ids"][:MAX_SOURCE_TOKENS] for d in dialogues]
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         cpu_encoded = encoded[: args.cpu_samples]
         generation = (1, args.cpu_max_new_tokens)
         print_table(f"CPU sweep ({args.cpu_threads} threads, {len(cpu_encoded)} dialogues, greedy, exactly {args.cpu_max_new_tokens} new tokens)",
-                    sweep(base, ["fp32", "int8"], cpu_encoded, tokenizer.pad_token_id, "cpu", args.cpu_batch_sizes, generation, args))  # fmt: skip
+                    sweep(base, [REFERENCE, "int8"], cpu_encoded, tokenizer.pad_token_id, "cpu", args.cpu_batch_sizes, generation, args))  # fmt: skip
 
 
 if __name__ == "__main__":

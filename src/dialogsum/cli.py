@@ -516,13 +516,13 @@ def export(
 def optimize(
     run: Annotated[str, typer.Option(help="Optimise the model logged by this run")] = "",
     model_uri: Annotated[str, typer.Option(help="...or this model: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/MODEL_NAME")] = "",
-    quantization: Annotated[str, typer.Option(help="Comma-separated variants besides fp32: int8 (CPU); fp16, bf16 (CUDA); bnb-int8, bnb-nf4 (both); auto (int8 on CPU, fp16,bf16 on CUDA); none")] = "auto",
+    quantization: Annotated[str, typer.Option(help="Comma-separated variants besides the scored model (as served): int8 (CPU); fp16, bf16 (CUDA); bnb-int8, bnb-nf4 (both); auto (int8 on CPU, fp16,bf16 on CUDA); none")] = "auto",
     batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes to sweep, growing")] = "1,2,4,8,16,32,64",
     data: Annotated[Optional[Path], typer.Option(help="Labelled CSV of validation rows: swept, and their quality decides the recommendation (default: bundled dev sample)")] = None,
     test_data: Annotated[Optional[Path], typer.Option(help="Labelled CSV of test rows each variant's quality is reported on")] = None,
     n_samples: Annotated[int, typer.Option(help="Use the first N rows (0: 64)")] = 0,
     param: Annotated[Optional[list[str]], typer.Option("--param", help="Generation override key=value (repeatable), e.g. num_beams=1")] = None,
-    max_rouge_drop: Annotated[float, typer.Option(help="Largest ROUGE final drop (points) against fp32 a recommended variant may have")] = 0.5,
+    max_rouge_drop: Annotated[float, typer.Option(help="Largest ROUGE final drop (points) against the scored model a recommended variant may have")] = 0.5,
     max_latency_s: Annotated[float, typer.Option(help="p95 batch latency budget in seconds (0: none)")] = 0.0,
     max_memory_gb: Annotated[float, typer.Option(help="Peak memory budget in GB; a batch size over it stops the sweep (0: none)")] = 0.0,
     min_gain: Annotated[float, typer.Option(help="Stop growing the batch when throughput improves by less than this fraction")] = 0.05,
@@ -530,7 +530,7 @@ def optimize(
     parent_run_id: Annotated[str, typer.Option(help="Log as a child of this run")] = "",
     format_: FormatOption = "auto",
 ) -> None:
-    """Measure fp32 against INT8 (CPU), fp16/bf16 (CUDA) or bitsandbytes variants over a batch-size sweep; log the recommended model."""
+    """Measure the scored model (loaded as it is served) against INT8 (CPU), fp16/bf16 (CUDA) or bitsandbytes variants over a batch-size sweep; log the recommended model."""
     from dialogsum.config import ConfigError, parse_set_options
     from dialogsum.data import DataError
     from dialogsum.optimize import SWEEP_TABLE, Budget, OptimizeError, SweepSettings, optimize_run

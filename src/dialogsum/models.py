@@ -195,6 +195,7 @@ class BuiltModel:
     tokenizer_commit: str | None
     dtype: str  # what the weights were loaded in ("float32", "bfloat16", ...)
     quantization: dict[str, Any] | None  # the BitsAndBytesConfig of a quantized (QLoRA) base, as a dict
+    autocast: str | None  # the mixed-precision autocast dtype it trains and validates under (None: none)
 
 
 def auto_model_class(cfg: ModelConfig):
@@ -203,11 +204,14 @@ def auto_model_class(cfg: ModelConfig):
     return AutoModelForSeq2SeqLM if cfg.task == "seq2seq" else AutoModelForCausalLM
 
 
-def load_weights(cfg: ModelConfig, source: str | Path, dtype, quantization, device: str, revision: str | None = None):
-    """`from_pretrained` of the config's model class in `dtype`; a quantized model is placed on `device` as it loads."""
+def load_weights(cfg: ModelConfig, source: str | Path, dtype, quantization, device: str, revision: str | None = None,
+                 placed: bool = False):  # fmt: skip
+    """`from_pretrained` of the config's model class in `dtype`; a quantized model, or any with `placed`, is placed
+    on `device` as it loads (never through a copy on the CPU)."""
     kwargs: dict[str, Any] = {"dtype": dtype, **_revision(revision)}
     if quantization is not None:
         kwargs["quantization_config"] = quantization
+    if quantization is not None or placed:
         kwargs["device_map"] = {"": local_device(device)}
     return auto_model_class(cfg).from_pretrained(source, **kwargs)
 
@@ -237,7 +241,8 @@ def build_model(cfg: ModelConfig, tokenizer, policy: PrecisionPolicy, for_traini
                       weights_commit=hub_commit(source, revision) if hub else None,
                       tokenizer_commit=hub_commit(tokenizer_source, cfg.tokenizer_revision, "tokenizer_config.json"),
                       dtype=str(dtype).removeprefix("torch."),
-                      quantization=json.loads(quant.to_json_string()) if quant is not None else None)  # fmt: skip
+                      quantization=json.loads(quant.to_json_string()) if quant is not None else None,
+                      autocast=policy.autocast_dtype)  # fmt: skip
 
 
 def resize_embeddings(model, tokenizer) -> set[int]:
@@ -246,10 +251,14 @@ def resize_embeddings(model, tokenizer) -> set[int]:
     vocabulary; shrinking to the tokenizer would cut rows, and the tags would land on never-trained padding.)
     Returns the ids of the tokens whose rows were never trained: those beyond the tokenizer's base vocabulary."""
     rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > rows:
-        multiple = EMBEDDING_ROWS_MULTIPLE
-        model.resize_token_embeddings(-(-len(tokenizer) // multiple) * multiple)
+    if embedding_rows(rows, tokenizer) != rows:
+        model.resize_token_embeddings(embedding_rows(rows, tokenizer))
     return set(range(tokenizer.vocab_size, len(tokenizer)))
+
+
+def embedding_rows(rows: int, tokenizer) -> int:
+    """The embedding rows `resize_embeddings` leaves a model of `rows` rows with for `tokenizer`."""
+    return rows if len(tokenizer) <= rows else -(-len(tokenizer) // EMBEDDING_ROWS_MULTIPLE) * EMBEDDING_ROWS_MULTIPLE
 
 
 def tag_pieces(tokenizer, tag: str) -> list[int]:

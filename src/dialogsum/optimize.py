@@ -1,13 +1,19 @@
 """`optimize`: measure inference variants of a trained model side by side and log the recommended one.
 
-One process, the same rows for every variant: the fp32 original and each requested variant (`int8` on CPU;
-`fp16`, `bf16` on CUDA; `bnb-int8`, `bnb-nf4` on both; see `dialogsum.quantize`) is loaded once, warmed up, and swept
-over growing batch sizes on real dialogues (the first N rows of a labelled CSV, so their real length mix).
-Per batch size: latency p50/p95 of a batch, throughput (samples/s) and peak memory. The sweep of a variant
-stops growing at an out-of-memory error, at a peak over the memory budget, or when throughput no longer
-improves by `min_gain`; any other failing batch size is recorded and the sweep goes on. Quality: Korean ROUGE
-of every variant's predictions on the same rows, the drop against fp32, and the agreement with fp32's
-predictions. Each variant is saved as it would be logged, and its size on disk measured.
+One process, the same rows for every variant: the baseline, the model as it was scored (`scored`: loaded as
+serving loads it, in its recorded numerics; a QLoRA model as its nf4 base with the adapter), and each requested
+variant (`int8` on CPU; `fp16`, `bf16` on CUDA; `bnb-int8`, `bnb-nf4` on both; see `dialogsum.quantize`) is loaded
+once straight from the saved folder onto its device in its own dtype or quantization (`device_map`: a 12.8B model
+never passes through 51 GB of fp32 in host memory), warmed up, and swept over growing batch sizes on real dialogues
+(the first N rows of a labelled CSV, so their real length mix). Per batch size: latency p50/p95 of a batch,
+throughput (samples/s) and peak memory. The sweep of a variant stops growing at an out-of-memory error, at a peak
+over the memory budget, or when throughput no longer improves by `min_gain`; any other failing batch size is
+recorded and the sweep goes on. An out-of-memory error while loading a variant, or a variant that would not fit on
+the disk it is saved to (checked before it is written), is that variant's recorded failure; the others are still
+measured and recommended. Quality: Korean ROUGE of every variant's predictions on the same rows, the drop against
+the baseline, and the agreement with the baseline's predictions. Each variant but the baseline (already saved) is
+saved as it would be logged and its size on disk measured; fp32 weights are never written: their size
+(`fp32_size_bytes`, the reference of every `*_size_ratio`) is 4 bytes times the parameter count.
 
 Recommendation rule (`RULE`): the highest throughput among the batch sizes that ran within the memory budget
 and whose p95 latency fits the latency budget, of the variants whose ROUGE final drops by at most
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import gc
 import math
+import shutil
 import sys
 import threading
 import time
@@ -40,15 +47,21 @@ SUMMARY_FILE = "optimize/summary.json"
 RECOMMENDED_VARIANT_TAG = "dialogsum.recommended_variant"
 RECOMMENDED_BATCH_SIZE_TAG = "dialogsum.recommended_batch_size"
 RECOMMENDATION_TAG = "dialogsum.recommendation"
+HALF_PRECISION = {"fp16": "float16", "bf16": "bfloat16"}  # variants loaded straight into that dtype
+FP32_BYTES_PER_PARAMETER = 4
 RULE = (
     "highest throughput among batch sizes that ran within the memory budget and the p95 latency budget "
     "({max_latency_p95_s}), of variants whose Korean ROUGE final drops by at most {max_rouge_drop} points against "
-    "fp32; ties: smaller batch size, then smaller size on disk"
+    "the model as it was scored; ties: smaller batch size, then smaller size"
 )
 
 
 class OptimizeError(ValueError):
     """An optimize request that cannot be measured (bad source, data or batch sizes)."""
+
+
+class NotEnoughDisk(OSError):
+    """A variant that would not fit on the disk it is to be written to."""
 
 
 # --- measuring ----------------------------------------------------------------------------------------------
@@ -282,8 +295,8 @@ def sweep_batch_sizes(
 @dataclass
 class Quality:
     """A variant's predictions scored on the same rows: Korean ROUGE against the references with the per-row finals
-    and the interval of the mean, the drop of ROUGE final against fp32 (points), the paired-bootstrap difference
-    to fp32, and agreement with fp32's predictions (ROUGE final and exact-match share)."""
+    and the interval of the mean, the drop of ROUGE final against the baseline (points), the paired-bootstrap
+    difference to the baseline, and agreement with the baseline's predictions (ROUGE final and exact-match share)."""
 
     rouge: dict[str, float]
     row_finals: list[float]
@@ -347,7 +360,9 @@ def recommend(sweeps: dict[str, VariantSweep], quality: dict[str, Quality], size
 
 @dataclass
 class VariantResult:
-    """A measured variant; `folder` is None (and sizes 0) for a variant that could not be loaded."""
+    """A measured variant; `folder` is None (and sizes 0) for a variant that ran out of memory while loading or would
+    not fit on the disk. The baseline's folder is the source's, and its size the bytes of its weights as loaded
+    (it is not written again)."""
 
     sweep: VariantSweep
     folder: Path | None
@@ -377,8 +392,13 @@ def model_bytes(model) -> int:
 @dataclass
 class OptimizeReport:
     cfg: Any
-    total_params: int
+    total_params: int  # of the model as one set of merged weights (`parameter_count`)
     results: dict[str, VariantResult]
+
+    @property
+    def fp32_size_bytes(self) -> int:
+        """What the weights take in fp32, computed (4 bytes a parameter), never written."""
+        return FP32_BYTES_PER_PARAMETER * self.total_params
 
     @property
     def sweeps(self) -> dict[str, VariantSweep]:
@@ -391,26 +411,72 @@ class OptimizeReport:
         return sum(r.load_s + r.sweep_s for r in self.results.values()) / generate if generate else float("nan")
 
 
-def load_variant(model_dir: Path, name: str, device: str, staging: Path):
-    """(model, tokenizer, ModelConfig): the saved model as variant `name`, loaded once. fp32, fp16 and bf16 load
-    straight into their dtype on their device (a 12.8B model never passes through 51 GB of fp32 on the CPU);
-    int8 quantizes fp32 weights on the CPU; bitsandbytes variants quantize as they load."""
-    import torch
+def parameter_count(model_dir: Path) -> int:
+    """Parameters of the saved model as one set of merged weights, counted on an empty (meta-device) copy of its
+    architecture (`saved_model.merged_config`): nothing is read or allocated."""
+    from accelerate import init_empty_weights
 
-    from dialogsum.quantize import BASELINE, prepare_variant
+    from dialogsum.models import auto_model_class
     from dialogsum.serving import saved_model
 
-    direct = {BASELINE: torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if name in direct:
-        return saved_model.load(model_dir, device=device, dtype=direct[name], merge=True)
-    model, tokenizer, cfg = saved_model.load(model_dir, device="cpu", dtype=torch.float32, merge=True)
-    return prepare_variant(model, name, device, staging), tokenizer, cfg
+    config = saved_model.merged_config(model_dir)
+    with init_empty_weights():
+        empty = auto_model_class(saved_model.read(model_dir).config).from_config(config)
+    empty.tie_weights()  # skipped while the weights are empty; tied weights count once
+    return sum(p.numel() for p in empty.parameters())
 
 
-def unloadable(name: str, batch_size: int, error: BaseException) -> VariantSweep:
-    """The sweep of a variant that ran out of memory while loading: that variant's recorded failure."""
-    message = f"out of memory while loading: {type(error).__name__}: {error}"
-    return VariantSweep(name, [BatchPoint(name, batch_size, status="oom", error=message)], None, message, 0.0)
+def check_free_disk(folder: Path, needed: int, what: str) -> None:
+    """NotEnoughDisk unless `needed` bytes fit in the free space of the file system that holds `folder`."""
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise NotEnoughDisk(f"{what} needs {needed / 1e9:.3g} GB on disk, {folder} has {free / 1e9:.3g} GB free")
+
+
+def load_variant(model_dir: Path, name: str, device: str, staging: Path):
+    """(model, tokenizer, ModelConfig): the saved model as variant `name`, loaded once, straight from the folder onto
+    `device` in the variant's own dtype or quantization (`device_map`), never through an fp32 copy on the CPU:
+    the baseline as serving loads it (`saved_model.load`: its recorded numerics; a QLoRA model unmerged on its nf4
+    base); fp16/bf16 with an adapter merged into a base loaded in that dtype; int8 from fp32 weights on the CPU,
+    its only device; bitsandbytes variants quantized as they load, full weights from the folder and an adapter
+    model from its merged weights, written to `staging` in the compute dtype (after a free-disk check) and
+    removed once read."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from dialogsum.models import auto_model_class
+    from dialogsum.quantize import BASELINE, bitsandbytes_settings, load_bitsandbytes, quantize_int8_dynamic
+    from dialogsum.serving import saved_model
+
+    if name == BASELINE:
+        return saved_model.load(model_dir, device)
+    if name in HALF_PRECISION:
+        return saved_model.load(model_dir, device, dtype=getattr(torch, HALF_PRECISION[name]), merge=True)
+    if name == "int8":
+        model, tokenizer, cfg = saved_model.load(model_dir, "cpu", dtype=torch.float32, merge=True)
+        return quantize_int8_dynamic(model), tokenizer, cfg
+    info = saved_model.read(model_dir)
+    if info.weights != "adapter":
+        model = load_bitsandbytes(auto_model_class(info.config), model_dir / "weights", name, device, quantize=True)
+        return model, AutoTokenizer.from_pretrained(model_dir / "tokenizer"), info.config
+    merged, tokenizer, cfg = saved_model.load(model_dir, device, dtype=bitsandbytes_settings(name, device)[1], merge=True)
+    check_free_disk(staging.parent, model_bytes(merged), f"{name}: the merged weights it is quantized from")
+    merged.save_pretrained(staging)
+    del merged
+    release_memory(device)
+    model = load_bitsandbytes(auto_model_class(cfg), staging, name, device, quantize=True)
+    shutil.rmtree(staging)
+    return model, tokenizer, cfg
+
+
+def failed_variant(name: str, batch_size: int, error: BaseException) -> VariantSweep:
+    """The sweep of a variant that ran out of memory while loading or would not fit on the disk: that variant's
+    recorded failure."""
+    if is_out_of_memory(error):
+        status, message = "oom", f"out of memory while loading: {type(error).__name__}: {error}"
+    else:
+        status, message = "failed", f"not enough disk: {error}"
+    return VariantSweep(name, [BatchPoint(name, batch_size, status=status, error=message)], None, message, 0.0)
 
 
 def measure_variants(
@@ -427,29 +493,35 @@ def measure_variants(
     test_data=None,
 ) -> OptimizeReport:
     """Load each variant once, sweep it on the rows of `data` (the validation rows, a DialogueSet), summarise
-    `test_data` when given, save it to `workdir/<variant>` and measure its size; then score every variant's
-    predictions against the references and fp32's (validation quality decides the recommendation; test quality
-    is reported)."""
+    `test_data` when given, save it to `workdir/<variant>` when its weights fit on that disk (checked before the
+    sweep: a variant that cannot be saved cannot be logged) and measure its size; then score every variant's
+    predictions against the references and the baseline's (validation quality decides the recommendation; test
+    quality is reported). `variants[0]` is the baseline."""
     from dialogsum.generate import summarize
-    from dialogsum.quantize import folder_bytes
+    from dialogsum.quantize import BASELINE, folder_bytes
     from dialogsum.serving import saved_model
 
     source = saved_model.read(model_dir)
+    tokenizer_bytes = folder_bytes(model_dir / "tokenizer")
     results: dict[str, VariantResult] = {}
-    cfg, total_params = None, 0
+    cfg = None
     for name in variants:
         start = time.perf_counter()
+        failure = None
         try:
             model, tokenizer, cfg = load_variant(model_dir, name, device, workdir / f"{name}-staging")
-        except Exception as e:  # an OOM while loading fails this variant only; the sweep goes on
-            if not is_out_of_memory(e):
+            if name != BASELINE:
+                check_free_disk(workdir, model_bytes(model) + tokenizer_bytes, name)
+        except Exception as e:  # out of memory or disk fails this variant only; the sweep goes on
+            if not (is_out_of_memory(e) or isinstance(e, NotEnoughDisk)):
                 raise
+            failure = failed_variant(name, min(batch_sizes), e)
+        if failure is not None:  # freed after the except block, whose traceback held what the failed load allocated
+            model = None  # a loaded variant that does not fit on the disk
             release_memory(device)
-            results[name] = VariantResult(unloadable(name, min(batch_sizes), e), None, 0, 0, time.perf_counter() - start, 0.0)
+            results[name] = VariantResult(failure, None, 0, 0, time.perf_counter() - start, 0.0)
             continue
-        release_memory(device)  # the fp32 weights a variant replaced
-        if name == variants[0]:
-            total_params = sum(p.numel() for p in model.parameters())
+        release_memory(device)  # what loading left behind (weights an adapter was merged into, fp32 weights int8 replaced)
         loaded = time.perf_counter()
 
         def generate(rows: list[int], model=model, tokenizer=tokenizer, cfg=cfg) -> list[str]:
@@ -461,20 +533,23 @@ def measure_variants(
         if test_data is not None and sweep.outputs is not None:
             largest = max(p.batch_size for p in sweep.points if p.ok)
             test_outputs = summarize(model, tokenizer, cfg, test_data.dialogues, largest, generation)
-        folder = saved_model.write_variant(workdir / name, model, tokenizer, source, name)
-        results[name] = VariantResult(sweep, folder, folder_bytes(folder), model_bytes(model), loaded - start,
-                                      swept - loaded, test_outputs=test_outputs)  # fmt: skip
+        if name == BASELINE:
+            folder, size = model_dir, model_bytes(model)
+        else:
+            folder = saved_model.write_variant(workdir / name, model, tokenizer, source, name)
+            size = folder_bytes(folder)
+        results[name] = VariantResult(sweep, folder, size, model_bytes(model), loaded - start, swept - loaded, test_outputs=test_outputs)
         del model, generate
         release_memory(device)
-    if cfg is None:
-        raise OptimizeError("no variant could be loaded: " + "; ".join(r.sweep.stop_reason for r in results.values()))
     baseline = results[variants[0]]
+    if cfg is None or baseline.folder is None:
+        raise OptimizeError(f"the baseline (the model as it was scored) could not be loaded: {baseline.sweep.stop_reason}")
     for result in results.values():
         if baseline.sweep.outputs is not None and result.sweep.outputs is not None:
             result.quality = quality_of(result.sweep.outputs, baseline.sweep.outputs, data.summaries)
         if baseline.test_outputs is not None and result.test_outputs is not None:
             result.test_quality = quality_of(result.test_outputs, baseline.test_outputs, test_data.summaries)
-    return OptimizeReport(cfg, total_params, results)
+    return OptimizeReport(cfg, parameter_count(model_dir), results)
 
 
 def source_model_dir(model_uri: str) -> Path:
@@ -526,22 +601,22 @@ def _plot(report: OptimizeReport, path: Path) -> Path:
 
 
 def _summary_metrics(report: OptimizeReport, choice: Recommendation) -> dict[str, float]:
-    """Per variant: size, memory, load and sweep time, speed-up, val/test ROUGE with intervals and the paired
-    difference to fp32; then the recommended batch point, and the logged variant's val_*/test_*."""
+    """The computed fp32 size; per variant: size and its ratio to fp32's, memory, load and sweep time, speed-up, val/test
+    ROUGE with intervals and the paired difference to the baseline; then the recommended batch point, and the logged
+    variant's val_*/test_*."""
     from dialogsum.comparison import comparison_metrics
     from dialogsum.quantize import BASELINE, VARIANTS
     from dialogsum.stats import Comparison
 
     base = report.results[BASELINE]
-    metrics: dict[str, float] = {"sweep_overhead": report.sweep_overhead}
+    metrics: dict[str, float] = {"sweep_overhead": report.sweep_overhead, "fp32_size_bytes": report.fp32_size_bytes}
     for name, result in report.results.items():
         prefix = VARIANTS[name].metric_prefix
         metrics[f"{prefix}_load_ok"] = float(result.folder is not None)
         if result.folder is None:
             continue
         metrics[f"{prefix}_size_bytes"] = result.size_bytes
-        if base.size_bytes:
-            metrics[f"{prefix}_size_ratio"] = base.size_bytes / result.size_bytes
+        metrics[f"{prefix}_size_ratio"] = report.fp32_size_bytes / result.size_bytes
         metrics[f"{prefix}_model_bytes"] = result.model_bytes
         metrics[f"{prefix}_load_s"] = result.load_s
         metrics[f"{prefix}_sweep_s"] = result.sweep_s
@@ -554,7 +629,7 @@ def _summary_metrics(report: OptimizeReport, choice: Recommendation) -> dict[str
             metrics.update({f"{prefix}_{role}_{k}": v for k, v in quality.rouge.items()})
             metrics.update({f"{prefix}_{role}_final_ci95_low": quality.interval.low, f"{prefix}_{role}_final_ci95_high": quality.interval.high})
             if name != BASELINE:
-                metrics.update(comparison_metrics(f"{prefix}_{role}_diff_vs_fp32", Comparison(name, BASELINE, quality.difference)))
+                metrics.update(comparison_metrics(f"{prefix}_{role}_diff_vs_{BASELINE}", Comparison(name, BASELINE, quality.difference)))
         if result.quality:
             metrics.update({f"{prefix}_rouge_drop": result.quality.rouge_drop, f"{prefix}_agreement_final": result.quality.agreement_final,
                             f"{prefix}_exact_match": result.quality.exact_match})  # fmt: skip
@@ -587,6 +662,7 @@ def _log_report(report: OptimizeReport, data, test_data, choice: Recommendation,
     import pandas as pd
 
     from dialogsum.data import dataset_rows_digest
+    from dialogsum.quantize import BASELINE
     from dialogsum.serving.pyfunc import log_summarizer
     from dialogsum.tracking import TEST_PREDICTIONS_ARTIFACT, TEST_ROWS_TAG, VAL_ROWS_TAG, log_predictions
 
@@ -600,10 +676,12 @@ def _log_report(report: OptimizeReport, data, test_data, choice: Recommendation,
         "recommended": {"variant": choice.variant, "batch_size": choice.batch_size, "reason": choice.reason},
         "logged_variant": logged,
         "sweep_overhead": report.sweep_overhead,
+        "total_params": report.total_params,
+        "fp32_size_bytes": report.fp32_size_bytes,
         "variants": {name: {"stop_reason": r.sweep.stop_reason, "size_bytes": r.size_bytes, "load_s": r.load_s,
                             "model_bytes": r.model_bytes, "warmup_s": r.sweep.warmup_s, "sweep_s": r.sweep_s, "generate_s": r.sweep.generate_s,
                             **{f"{role}_quality": None if q is None else {"rouge": q.rouge, "interval": str(q.interval), "rouge_drop": q.rouge_drop,
-                                                                          "difference_vs_fp32": str(q.difference), "agreement_final": q.agreement_final,
+                                                                          "difference_vs_baseline": str(q.difference), "agreement_final": q.agreement_final,
                                                                           "exact_match": q.exact_match}
                                for role, q in (("val", r.quality), ("test", r.test_quality))}}
                      for name, r in report.results.items()},
@@ -615,7 +693,7 @@ def _log_report(report: OptimizeReport, data, test_data, choice: Recommendation,
         outputs = {n: r.test_outputs for n, r in report.results.items() if r.test_outputs is not None}
         log_predictions(_prediction_rows(test_data, outputs, logged), TEST_PREDICTIONS_ARTIFACT)
     n = min(2, len(rows))
-    name = report.cfg.name if logged == "fp32" else f"{report.cfg.name}-{logged}"
+    name = report.cfg.name if logged == BASELINE else f"{report.cfg.name}-{logged}"
     log_summarizer(report.results[logged].folder, name, report.cfg.generation, [r["dialogue"] for r in rows[:n]],
                    batch_size=choice.batch_size)
 
@@ -636,7 +714,7 @@ def optimize_run(
     budget: Budget | None = None,
     log_variant: str | None = None,
 ) -> str:
-    """Measure the model of `run_id` (the model it logged) or `model_uri` as fp32 and as each `quantization`
+    """Measure the model of `run_id` (the model it logged) or `model_uri` as it was scored and as each `quantization`
     variant on `n_samples` rows (default 64) of `data_path` (the validation rows: speed, and the quality that decides
     the recommendation; default: the bundled labelled dev sample), report each variant's quality on `test_path`
     when given, log everything to an `optimize` run and log the recommended variant (or `log_variant`) as its pyfunc

@@ -6,6 +6,8 @@ Rules (one place, used by both):
 - `bf16` needs a CUDA device that supports it; `fp16` needs CUDA; `fp32` runs anywhere.
 - Gradient scaling goes with fp16 only. bf16 compute with fp16 AMP scaling (the original crash) is rejected.
 - 4-bit (QLoRA) compute dtype is the policy's compute dtype.
+- Inference runs as validation ran: under the policy's autocast (`autocast_dtype`), applied to a loaded model by
+  `run_under_autocast` the way accelerate applies it to the prepared model (saved models record it).
 """
 
 from __future__ import annotations
@@ -48,6 +50,12 @@ class PrecisionPolicy:
         return getattr(torch, self.compute_dtype)
 
     @property
+    def autocast_dtype(self) -> str | None:
+        """The dtype of the autocast that accelerate runs the model's forward passes under (bf16/fp16 mixed
+        precision), in training, validation and so in every later inference; None without mixed precision."""
+        return None if self.mixed_precision == "no" else self.compute_dtype
+
+    @property
     def label(self) -> str:
         scaling = "+grad-scaling" if self.grad_scaling else ""
         return f"{self.device}:{self.compute_dtype}{scaling}"
@@ -66,6 +74,23 @@ def validate_policy(policy: PrecisionPolicy) -> None:
     expected = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}[policy.mixed_precision]
     if policy.compute_dtype != expected:
         raise PrecisionError(f"compute dtype {policy.compute_dtype} does not match {policy.mixed_precision} autocast")
+
+
+def run_under_autocast(model, dtype_name: str | None):
+    """Make `model` compute as accelerate's prepared model computed validation: `forward` under `torch.autocast` in
+    `dtype_name` ("bfloat16", "float16") on the model's device, as accelerate opens it, with its outputs converted to
+    fp32 (accelerate's `convert_outputs_to_fp32`, as `Accelerator.prepare_model` wraps it), and `generate` under the
+    same autocast (validation generates inside `accelerator.autocast()`; a seq2seq model's encoder runs there, outside
+    `forward`). Nothing changes for None. Returns the model."""
+    if dtype_name is None:
+        return model
+    import torch
+    from accelerate.utils import convert_outputs_to_fp32
+
+    device_type, dtype = next(model.parameters()).device.type, getattr(torch, dtype_name)
+    model.forward = convert_outputs_to_fp32(torch.autocast(device_type, dtype=dtype)(model.forward))
+    model.generate = torch.autocast(device_type, dtype=dtype)(model.generate)
+    return model
 
 
 def _no_nvidia_driver() -> bool:

@@ -1,14 +1,15 @@
-"""Inference variants of a trained model: what each one is, how to make it from the fp32 model, and how its weights
-are written and rebuilt (the saved-model folder around them is `dialogsum.serving.saved_model`'s).
+"""Inference variants of a trained model: what each one is, how to make it, and how its weights are written and
+rebuilt (the saved-model folder around them is `dialogsum.serving.saved_model`'s).
 
-- `fp32`: the original, on the sweep's device.
+- `scored`: the baseline, the model as it was scored, loaded as serving loads it (its recorded numerics: full
+  KoBART in fp32 under the training's autocast; a QLoRA model as its nf4 base with the adapter, unmerged).
 - `int8` (CPU): dynamic INT8 quantization of every `nn.Linear` (int8 weights with per-output-channel scales,
   activations quantized per batch) with PyTorch's fbgemm/x86 kernels via
   `torch.ao.quantization.quantize_dynamic`. The README section
   "Inference optimisation" explains why this path and not torchao or ONNX Runtime. It is saved as a real
   int8 state dict (`int8_dynamic.pt`) and rebuilt at load time: architecture from `config.json`,
   the same quantization applied, then the int8 state loaded into it.
-- `fp16`, `bf16` (CUDA): the weights cast to half precision.
+- `fp16`, `bf16` (CUDA): the weights (adapters merged) loaded straight into half precision on the GPU.
 - `bnb-int8`, `bnb-nf4`: bitsandbytes LLM.int8 and 4-bit NF4 weights, saved in bitsandbytes' serialized form; on
   CUDA, and on CPU through bitsandbytes' CPU backend (see `bitsandbytes_settings`).
 
@@ -24,10 +25,12 @@ from pathlib import Path
 from typing import Any
 
 INT8_STATE_FILE = "int8_dynamic.pt"
-BASELINE = "fp32"
+BASELINE = "scored"
+FP32 = "fp32"  # no variant: the size of fp32 weights is computed (4 bytes a parameter), never written
 NO_QUANTIZATION = "none"
 AUTO = "auto"
 AUTO_VARIANTS = {"cpu": ("int8",), "cuda": ("fp16", "bf16")}  # what `auto` measures on each device
+QUANTIZED_VARIANTS = ("int8", "bnb-int8", "bnb-nf4")  # rebuilt by `load_quantized`; fp16/bf16 are plain weights
 
 
 class VariantError(ValueError):
@@ -48,7 +51,7 @@ class Variant:
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
-        Variant("fp32", None, "full precision (the original)"),
+        Variant(BASELINE, None, "the model as it was scored (its recorded dtype and autocast; a QLoRA model: nf4 base + adapter)"),
         Variant("int8", "cpu", "dynamic INT8 nn.Linear (torch.ao quantize_dynamic, fbgemm/x86 kernels)"),
         Variant("fp16", "cuda", "float16 weights and compute"),
         Variant("bf16", "cuda", "bfloat16 weights and compute"),
@@ -59,15 +62,18 @@ VARIANTS: dict[str, Variant] = {
 
 
 def resolve_variants(quantization: str | list[str] | tuple[str, ...], device: str) -> list[str]:
-    """The variants to measure: always the fp32 baseline first, then each requested one (`none`: baseline
-    only; `auto`: this device's `AUTO_VARIANTS`). Raises VariantError for an unknown name or one that cannot
-    run on `device`."""
+    """The variants to measure: always the baseline (the model as it was scored) first, then each requested one
+    (`none`: baseline only; `auto`: this device's `AUTO_VARIANTS`). Raises VariantError for an unknown name, for
+    `fp32` (no variant: the size of fp32 weights is computed), or for one that cannot run on `device`."""
     requested = quantization.split(",") if isinstance(quantization, str) else list(quantization)
     names = [BASELINE]
     for raw in requested:
         name = raw.strip().lower()
         if name in ("", NO_QUANTIZATION, BASELINE):
             continue
+        if name == FP32:
+            raise VariantError(f"'{FP32}' is not measured: the baseline is the model as it was scored ('{BASELINE}'), and the size of "
+                               "fp32 weights is computed from the parameter count")  # fmt: skip
         if name == AUTO:
             names += [n for n in AUTO_VARIANTS[device] if n not in names]
             continue
@@ -151,13 +157,12 @@ def load_bitsandbytes(auto, folder: Path, name: str, device: str, *, quantize: b
 
 
 def prepare_variant(model, name: str, device: str, staging: Path):
-    """The variant `name` of an fp32 model on the CPU (which it may convert in place), on `device`.
+    """The variant `name` of an fp32 model in memory on the CPU (which it may convert in place), on `device`: the GPU
+    benchmark's way, from one random-init model (`optimize` loads each variant from the saved folder instead).
 
     bitsandbytes variants are re-read from `staging` through `from_pretrained`, their supported entry point."""
     import torch
 
-    if name == BASELINE:
-        return model.to(device)
     if name in ("fp16", "bf16"):
         return model.to(device=device, dtype=torch.float16 if name == "fp16" else torch.bfloat16)
     if name == "int8":
@@ -185,8 +190,8 @@ def save_int8(model, folder: Path) -> None:
 
 
 def load_quantized(weights: Path, name: str, auto, device: str) -> Any:
-    """Rebuild a saved variant from its `weights` folder, in eval mode: `int8` on the CPU,
-    `fp16`/`bf16` on CUDA (in fp32 when `device` is the CPU), bitsandbytes variants on `device`."""
+    """Rebuild a saved quantized variant from its `weights` folder, in eval mode: `int8` on the CPU, bitsandbytes
+    variants on `device` (fp16/bf16 variants are plain weights in their dtype, loaded as such)."""
     import torch
 
     if name == "int8":
@@ -208,11 +213,6 @@ def load_quantized(weights: Path, name: str, auto, device: str) -> Any:
             with torch.no_grad():
                 model.get_input_embeddings().weight.copy_(_int8_output_rows(model))
         return model
-    if name in ("fp16", "bf16"):
-        if device != "cuda":  # half precision generation on CPU is slow; serve it in fp32 there
-            return auto.from_pretrained(weights, dtype=torch.float32).eval()
-        dtype = torch.float16 if name == "fp16" else torch.bfloat16
-        return auto.from_pretrained(weights, dtype=dtype).to("cuda").eval()
     if name.startswith("bnb-"):
         return load_bitsandbytes(auto, weights, name, device, quantize=False)
     raise VariantError(f"{weights.parent}: unknown variant '{name}'")

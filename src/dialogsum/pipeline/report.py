@@ -3,7 +3,7 @@
 `write_report` renders the story of a pipeline run — what was run on which rows, the timeline, the success/failure
 matrix, validation and test scores side by side with their intervals, the comparisons the platform made (which
 model beats which on the same test rows, or "not distinguishable"; the ensemble against its best source; int8
-against fp32; the champion decision; where the submission came from), failures grouped by cause with traceback
+against the scored model; the champion decision; where the submission came from), failures grouped by cause with traceback
 excerpts, and what was skipped and why — as Markdown with PNG figures, and as one self-contained HTML page
 (UTF-8, figures embedded). Both are logged to the parent run next to the matrix files.
 """
@@ -20,6 +20,7 @@ from pathlib import Path
 from dialogsum.comparison import compare_logged, split_comparable
 from dialogsum.pipeline.matrix import build_matrix, html_page, matrix_html, pivot_matrix
 from dialogsum.pipeline.report_figures import curves_png, matrix_png, timeline_png
+from dialogsum.quantize import BASELINE as OPTIMIZE_BASELINE
 from dialogsum.pipeline.store import best_train_run, find_child, duration_s, latest_children, started_ms
 from dialogsum.sweeps.report import study_inputs
 from dialogsum.tracking import KIND_TAG, MODEL_TAG, REASON_TAG, STATUS_TAG, VAL_ROWS_TAG, run_metric
@@ -141,10 +142,10 @@ def _comparisons(children: list) -> list[str]:
     optimize = find_child(children, "optimize")
     if optimize is not None:
         for name, value in sorted(optimize.data.metrics.items()):
-            if name.endswith("_diff_vs_fp32"):
+            if name.endswith(f"_diff_vs_{OPTIMIZE_BASELINE}"):
                 lo, hi = optimize.data.metrics[f"{name}_ci95_low"], optimize.data.metrics[f"{name}_ci95_high"]
                 verdict = "not distinguishable" if lo <= 0 <= hi else ("better" if value > 0 else "worse")
-                out.append(f"- optimize, {name.removesuffix('_diff_vs_fp32').replace('_', ' ')} vs fp32: {value:+.2f} [{lo:+.2f}, {hi:+.2f}], {verdict}")
+                out.append(f"- optimize, {name.removesuffix(f'_diff_vs_{OPTIMIZE_BASELINE}').replace('_', ' ')} vs the scored model: {value:+.2f} [{lo:+.2f}, {hi:+.2f}], {verdict}")
     register = find_child(children, "register")
     if register is not None and "dialogsum.registry_decision" in register.data.tags:
         out.append(f"- registry: {register.data.tags.get('dialogsum.registered', '')} {register.data.tags['dialogsum.registry_decision']}")

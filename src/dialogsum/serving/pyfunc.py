@@ -5,7 +5,8 @@ Input: records with a `dialogue` field (a DataFrame with a `dialogue` column, `[
 `{"inputs": [{"dialogue": "..."}]}`); other fields such as `fname` are ignored. MLflow validates the input against
 `predict`'s type hints and rejects a record without a string `dialogue` by name. Output: one summary per dialogue.
 Generation settings (num_beams, max_new_tokens, ...) can be overridden per request through params. The model is the
-saved-model folder (`saved_model`), loaded by `saved_model.load` exactly as the training's test scores loaded it.
+saved-model folder (`saved_model`), loaded by `saved_model.load` exactly as the training's test scores loaded it, in
+the numerics its validation ran in (`saved_model.Numerics`: dtype and autocast).
 """
 
 from __future__ import annotations
