@@ -75,7 +75,7 @@ def test_weights_in_the_hugging_face_cache_pass_offline(offline: None) -> None:
     assert not elsewhere.ok and f"at revision {'1' * 40}" in elsewhere.reasons[0], "a pinned commit not in the cache is unreachable offline"
 
 
-def test_without_offline_flags_the_answer_is_still_quick(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_offline_flags_the_answer_is_still_quick(monkeypatch: pytest.MonkeyPatch, slowdown: float) -> None:
     for flag in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(flag, raising=False)
     preflight.hub_reachable.cache_clear()
@@ -86,7 +86,7 @@ def test_without_offline_flags_the_answer_is_still_quick(monkeypatch: pytest.Mon
     finally:
         preflight.hub_reachable.cache_clear()
     print(f"preflight of six models without offline flags: {elapsed:.2f} s")
-    assert elapsed < 10  # one network probe, bounded to 2 s, for all six
+    assert elapsed < 2 + 8 * slowdown  # one network probe, bounded to 2 s, for all six; the rest is CPU
     for v in verdicts:  # offline here; on a machine with network the hub may answer instead
         assert any(r.startswith("weights unreachable") for r in v.reasons) or "weights: Hugging Face hub" in v.notes
 
@@ -126,8 +126,8 @@ def test_memory_estimate_over_available_memory_is_blocked(offline: None) -> None
 
 
 def test_qlora_memory_estimate_is_far_below_full_precision(offline: None) -> None:
-    qlora = only_verdict("solar-10.7b", device=BF16_GPU)
-    assert qlora.precision == "cuda:bfloat16" and 6 < qlora.estimate_gib < 20
+    qlora = only_verdict("solar-10.7b", device=BF16_GPU)  # batch 2 of 1536 + 256 tokens: activations ~16 GiB
+    assert qlora.precision == "cuda:bfloat16" and 6 < qlora.estimate_gib < 30
     full = only_verdict("solar-10.7b", device=BF16_GPU, quantization="none")
     assert full.estimate_gib > qlora.estimate_gib + 10
 
@@ -219,7 +219,7 @@ def _any_free_memory(text: str) -> str:
     return re.sub(r"has [0-9.]+ GiB available", "has N GiB available", text)
 
 
-def test_cli_preflight_of_the_six_seed_models_through_a_pipe_keeps_every_name_and_reason_whole(tmp_path: Path, monkeypatch) -> None:
+def test_cli_preflight_of_the_six_seed_models_through_a_pipe_keeps_every_name_and_reason_whole(tmp_path: Path, monkeypatch, slowdown) -> None:
     done, elapsed = run_cli(tmp_path, "preflight", "--models", ",".join(SEED_MODELS))
     print(f"`python -m dialogsum preflight --models <six>`: {elapsed:.2f} s wall")
     assert done.returncode == 1, done.stderr
@@ -233,15 +233,18 @@ def test_cli_preflight_of_the_six_seed_models_through_a_pipe_keeps_every_name_an
         assert line.split("\t")[1] == "blocked"
         for reason in verdict.reasons:  # free memory moves between the two calls: its figure is not compared
             assert _any_free_memory(reason) in _any_free_memory(line), f"{reason!r} cut in {line!r}"
-    assert elapsed < 10, f"preflight CLI took {elapsed:.2f} s"
+    assert elapsed < 10 * slowdown, f"preflight CLI took {elapsed:.2f} s (bound 10 s × slowdown {slowdown:.2f})"
     hub_reachable.cache_clear()
 
 
 def test_cli_preflight_formats(tmp_path: Path) -> None:
-    done, _ = run_cli(tmp_path, "preflight", "--models", "kobart-tiny,kobart", "--format", "json")
-    rows = {row["model"]: row for row in json.loads(done.stdout)["rows"]}
+    done, _ = run_cli(tmp_path, "preflight", "--models", "kobart-tiny,kobart", "--data", str(sample_data_path("train")), "--format", "json")
+    rows = {row["model"]: row for row in json.loads(done.stdout)["rows"]}  # one document, truncation inside each row
     assert rows["kobart-tiny"]["verdict"] == "ok" and rows["kobart"]["verdict"] == "blocked"
     assert any(r.startswith("weights unreachable") for r in rows["kobart"]["reasons / notes"])
+    assert [t["limit"].split()[0] for t in rows["kobart-tiny"]["truncation"]] == [
+        "training.max_source_length", "training.max_target_length", "generation.max_new_tokens"]  # fmt: skip
+    assert rows["kobart"]["truncation"][0]["warning"].startswith("not measured: no tokenizer files of 'digit82/kobart-summarization'")
     table, _ = run_cli(tmp_path, "preflight", "--models", "kobart-tiny", "--format", "table")
     assert "┃ model" in table.stdout and "kobart-tiny" in table.stdout
 
@@ -249,7 +252,8 @@ def test_cli_preflight_formats(tmp_path: Path) -> None:
 def test_cli_preflight_exits_0_when_every_model_passes(tmp_path: Path) -> None:
     done, _ = run_cli(tmp_path, "preflight", "--models", "kobart-tiny,llama-tiny", "--data", str(sample_data_path("train")))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert [line.split("\t")[1] for line in done.stdout.splitlines()[2:]] == ["ok", "ok"]
+    verdicts = done.stdout.split("\n# truncation on ")[0]  # then each model's truncation on the rows (tests/test_truncation.py)
+    assert [line.split("\t")[1] for line in verdicts.splitlines()[2:]] == ["ok", "ok"]
 
 
 def test_a_chat_prompt_without_a_chat_template_is_blocked_before_any_weight_loads(tmp_path: Path) -> None:

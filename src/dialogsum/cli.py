@@ -42,19 +42,58 @@ def models(format_: FormatOption = "auto") -> None:
 
 @app.command()
 def preflight(
-    models: Annotated[str, typer.Option(help="Comma-separated model names")],
-    data: Annotated[Optional[list[Path]], typer.Option(help="Data files to validate (repeatable)")] = None,
+    models: Annotated[Optional[str], typer.Option(help="Comma-separated model names (or --config)")] = None,
+    config: Annotated[Optional[str], typer.Option(help="A pipeline config (name or path): its models with their overrides and its preflight settings; without --data, its train and validation rows")] = None,
+    data: Annotated[Optional[list[Path]], typer.Option(help="Labelled data files to validate (repeatable); their rows measure truncation, the first file's train a config-source model's tokenizer")] = None,
     format_: FormatOption = "auto",
 ) -> None:
-    """Check models before any weight is loaded; exits 1 when any model is blocked."""
+    """Check models before any weight is loaded, and measure on the rows how many prompts and summaries each model's
+    length limits cut (tokenizer only); exits 1 when any model is blocked."""
+    from dialogsum.config import ConfigError, PreflightSettings, load_pipeline_config
+    from dialogsum.data import DataError
     from dialogsum.output import emit
-    from dialogsum.preflight import run_preflight, verdict_rows
+    from dialogsum.preflight import TRUNCATION_COLUMNS, run_preflight, truncation_rows, verdict_rows
 
-    verdicts = run_preflight(_split(models), data_paths=data or [])
+    if (models is None) == (config is None):
+        _fail(ValueError("give exactly one of --models or --config"))
+    try:
+        pipeline_cfg = load_pipeline_config(config) if config else None
+        names = [m.name for m in pipeline_cfg.models] if pipeline_cfg else _split(models)
+        overrides = {m.name: m.overrides for m in pipeline_cfg.models} if pipeline_cfg else None
+        settings = pipeline_cfg.preflight if pipeline_cfg else PreflightSettings()
+        measure_on = _rows_to_measure(data or [], pipeline_cfg)
+    except (ConfigError, DataError) as e:
+        _fail(e)
+    verdicts = run_preflight(names, data_paths=data or [], overrides=overrides, measure_on=measure_on,
+                             warn_share=settings.truncation_warn_share)  # fmt: skip
     rows = verdict_rows(verdicts)
-    emit(rows, list(rows[0]) if rows else ["model"], "dialogsum preflight", format_)
+    columns = list(rows[0]) if rows else ["model"]
+    truncation = truncation_rows(verdicts, settings.truncation_warn_share)
+    if format_ == "json":  # one document: each model's truncation rows inside its verdict row
+        for row in rows:
+            row["truncation"] = [{c: t.get(c) for c in TRUNCATION_COLUMNS[1:]} for t in truncation if t["model"] == row["model"]]
+        columns.append("truncation")
+    emit(rows, columns, "dialogsum preflight", format_)
+    if truncation and format_ != "json":
+        measured = sum(len(part) for part in measure_on)
+        emit(truncation, TRUNCATION_COLUMNS, f"truncation on {measured} rows (tokenizer only)", format_)
     if not all(v.ok for v in verdicts):
         raise typer.Exit(1)
+
+
+def _rows_to_measure(data: list[Path], pipeline_cfg) -> list:
+    """The labelled rows preflight measures truncation on: the `--data` files (none when one is invalid: the
+    verdicts say why), else the pipeline config's train and validation rows, else none."""
+    from dialogsum.data import load_data_roles, read_dialogues
+    from dialogsum.preflight import check_data
+
+    if data:
+        return [] if check_data(data) else [read_dialogues(path, require_summary=True) for path in data]
+    if pipeline_cfg is None:
+        return []
+    d = pipeline_cfg.data
+    roles = load_data_roles(d.train, d.validation, d.test, validation_fraction=d.validation_fraction)
+    return [roles.train, roles.validation]
 
 
 def _fail(error: Exception) -> None:
@@ -280,12 +319,15 @@ def evaluate_solar(
 def pipeline(
     config: Annotated[Optional[str], typer.Option(help="Pipeline YAML path, or the name of a packaged one (quickstart, seed-full)")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Parent run id: rerun only children that failed or never ran (a training stopped mid-way continues from its checkpoint)")] = None,
-    executor: Annotated[Optional[str], typer.Option(help="local (one stage at a time, here) or ray (stages as Ray tasks, at once where the cluster allows); overrides the config's")] = None,
+    executor: Annotated[Optional[str], typer.Option(help="local (here: one stage at a time without GPUs, at once where the GPUs hold them with GPUs) or ray (stages as Ray tasks, at once where the cluster allows); overrides the config's")] = None,
     ray_address: Annotated[Optional[str], typer.Option(help="The Ray cluster (ray://host:10001, host:6379, auto); unset: a Ray started here")] = None,
+    max_concurrency: Annotated[Optional[int], typer.Option(min=1, help="Trainings running at once, with either executor; overrides the config's max_concurrency")] = None,
 ) -> None:
     """Run the full pipeline: preflight, one child run per model and step, matrix and report on the parent.
-    SIGINT/SIGTERM stops the running stages (SIGTERM, SIGKILL after timeouts.grace), ends the runs KILLED; exit 130."""
+    SIGINT/SIGTERM stops the running stages (SIGTERM, SIGKILL after timeouts.grace), ends the runs KILLED; exit 130.
+    Every process it starts carries $DIALOGSUM_PIPELINE; one still alive when it exits is stopped and named."""
     from dialogsum.config import ConfigError
+    from dialogsum.pipeline.executors import ORPHAN_GRACE_S, mark_pipeline_processes, stop_marked_processes
     from dialogsum.pipeline.orchestrator import run_pipeline
     from dialogsum.tracking import Terminated, TrackingError, ui_hint
 

@@ -117,10 +117,11 @@ class CheckpointSettings(StrictModel):
 
 
 class ResourceSettings(StrictModel):
-    """What a training of this model asks of a Ray cluster (`executor: ray`); the local executor ignores it."""
+    """What a training of this model asks of a Ray cluster (`executor: ray`) or of this machine's GPUs (`executor:
+    local`, which takes whole GPUs: a fraction counts as one; a machine without GPUs ignores it)."""
 
     gpus: float | None = Field(None, ge=0, description="GPUs per training; unset: as many as preflight's memory estimate needs "
-                                                        "at the cluster's per-GPU memory (none on a CPU cluster)")
+                                                        "at the per-GPU memory (free memory locally; none on a CPU cluster)")
     cpus: float = Field(1.0, gt=0, description="CPU cores per training")
 
 
@@ -425,8 +426,30 @@ class RaySettings(StrictModel):
     """`executor: ray`: where the cluster is and how much of it the pipeline takes."""
 
     address: str | None = Field(None, description="ray://host:10001, host:6379 or auto; unset: start a Ray on this machine")
-    max_concurrency: int | None = Field(None, ge=1, description="trainings running at once (unset: as many as the cluster fits)")
     stage_cpus: float = Field(1.0, gt=0, description="CPU cores each later step (ensemble, optimize, ...) asks for")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        """`ray.max_concurrency` moved to the top level; an unset one (`null`, as pipelines before the move logged
+        their config, which `--resume` reads back) is dropped."""
+        if not isinstance(data, dict) or "max_concurrency" not in data:
+            return data
+        if data["max_concurrency"] is not None:
+            raise ValueError("max_concurrency is a top-level key now (it caps the trainings of either executor): move "
+                             "it out of `ray:`")  # fmt: skip
+        return {key: value for key, value in data.items() if key != "max_concurrency"}
+
+
+DEFAULT_TRUNCATION_WARN_SHARE = 0.02
+
+
+class PreflightSettings(StrictModel):
+    """What preflight warns about before the stages start (it blocks nothing for these)."""
+
+    truncation_warn_share: float = Field(DEFAULT_TRUNCATION_WARN_SHARE, ge=0, le=1,
+                                         description="warn when a length limit (training.max_source_length, training.max_target_length, "
+                                                     "generation.max_new_tokens) cuts more than this share of the train and validation rows")  # fmt: skip
 
 
 class PipelineConfig(StrictModel):
@@ -443,7 +466,12 @@ class PipelineConfig(StrictModel):
     optimize: OptimizeStep = Field(default_factory=OptimizeStep)
     register_: RegisterStep = Field(default_factory=RegisterStep, alias="register")
     timeouts: StageTimeouts = Field(default_factory=StageTimeouts)
+    preflight: PreflightSettings = Field(default_factory=PreflightSettings)
     executor: Literal["local", "ray"] = "local"
+    max_concurrency: int | None = Field(None, ge=1, description="trainings running at once, with either executor (unset: as "
+                                                                "many as the GPUs or the cluster hold; no GPU: one stage at a time)")
+    gpus: list[int] | None = Field(None, min_length=1, description="executor local: the GPUs (indices as nvidia-smi numbers "
+                                                                   "them) its stages may use; unset: every GPU of this machine")
     ray: RaySettings = Field(default_factory=RaySettings)
 
     @model_validator(mode="after")

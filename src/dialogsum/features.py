@@ -158,3 +158,14 @@ class EpochSeededSampler:
 
     def __len__(self) -> int:
         return len(self.sampler)
+
+
+def full_prompt_ids(cfg: ModelConfig, tokenizer, dialogue: str) -> list[int]:
+    """The model input `prompt_ids` builds for one dialogue, with the dialogue never cut to `max_source_length`:
+    the length preflight's truncation report (`dialogsum.truncation`) compares with that limit."""
+    if cfg.prompt.format != "seq2seq":
+        return _render_prompt(cfg, tokenizer, dialogue)
+    import sys
+
+    unlimited = cfg.training.model_copy(update={"max_source_length": sys.maxsize})
+    return prompt_ids(cfg.model_copy(update={"training": unlimited}), tokenizer, dialogue)

@@ -3,7 +3,9 @@
 Per model: config resolves; LoRA targets exist in the family; the precision policy is valid on this device;
 4-bit/8-bit quantization is supported by the installed bitsandbytes here; the estimated memory fits; the
 weights are reachable (local path, Hugging Face cache, or hub when online: offline answers at once); the data
-files are valid. The network probe runs once per call, bounded to 2 seconds.
+files are valid. The network probe runs once per call, bounded to 2 seconds. Given rows to measure, each model's
+tokenizer (never its weights) measures how many of them its length limits cut (`dialogsum.truncation`): a warning
+above a share, never a block.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
 
-from dialogsum.config import LORA_TARGETS_BY_FAMILY, ConfigError, ModelConfig, load_model_config
-from dialogsum.data import DataError, read_dialogues
+from dialogsum.config import DEFAULT_TRUNCATION_WARN_SHARE, LORA_TARGETS_BY_FAMILY, ConfigError, ModelConfig, load_model_config
+from dialogsum.data import DataError, DialogueSet, read_dialogues
 from dialogsum.models import hub_commit
 from dialogsum.precision import DeviceInfo, PrecisionError, check_quantization, detect_device, resolve_precision
+from dialogsum.truncation import FIT_SHARE, PERCENTILES, TruncationReport, measure_truncation, percent
 
 GIB = 1024**3
 MEMORY_HEADROOM = 0.9  # block when the estimate exceeds this share of available memory
@@ -37,10 +40,13 @@ class Verdict:
     model: str
     ok: bool = True
     reasons: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # worth a look before the run; they block nothing
     notes: list[str] = field(default_factory=list)
     estimate_gib: float | None = None
     precision: str | None = None
     config: ModelConfig | None = None
+    truncation: TruncationReport | None = None
+    truncation_problem: str | None = None  # why truncation was not measured, when rows were given
 
     def block(self, reason: str) -> None:
         self.ok = False
@@ -269,13 +275,54 @@ def check_data(paths: list[str | Path]) -> list[str]:
     return problems
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def check_truncation(verdict: Verdict, cfg: ModelConfig, measure_on: list[DialogueSet], warn_share: float) -> None:
+    """Measure `cfg`'s length limits on the rows of `measure_on` with the model's tokenizer (a config-source model's
+    is trained from the first set's first `max_train_samples` rows, as training does, and cached for it): a warning
+    per limit that cuts more than `warn_share`.
+    A tokenizer that cannot be had here leaves `truncation_problem` saying why."""
+    tokenizer, problem = _tokenizer_to_measure(cfg, measure_on[0])
+    if tokenizer is None:
+        verdict.truncation_problem = problem
+        return
+    dialogues = [d for rows in measure_on for d in rows.dialogues]
+    summaries = [s for rows in measure_on for s in rows.summaries]
+    try:
+        verdict.truncation = measure_truncation(cfg, tokenizer, dialogues, summaries)
+    except ValueError as e:  # no rows, or a chat prompt without a chat template (blocked above)
+        verdict.truncation_problem = str(e)
+        return
+    verdict.warnings += [f"truncation: {w}" for w in verdict.truncation.warnings(warn_share)]
+
+
+def _tokenizer_to_measure(cfg: ModelConfig, train: DialogueSet):
+    """(tokenizer, None) as training loads it (dialogue tags as single tokens), or (None, why it cannot be had)."""
+    from dialogsum.models import load_tokenizer
+
+    source = cfg.tokenizer.path or cfg.hub_id
+    if source and not any(_tokenizer_file(source, name, cfg.tokenizer_revision) for name in TOKENIZER_FILES):
+        online, why = hub_reachable()
+        offline = "" if online else f"; the hub is offline ({why})"
+        return None, f"no tokenizer files of '{source}' in a local folder or the Hugging Face cache{offline}"
+    train = train.head(cfg.training.max_train_samples)  # the rows a config-source model's tokenizer is trained from
+    try:
+        return load_tokenizer(cfg, train.dialogues + train.summaries), None
+    except Exception as e:  # whatever transformers raises for files it cannot read
+        return None, f"tokenizer '{source or 'trained from the rows'}' did not load: {type(e).__name__}: {e}"
+
+
 def run_preflight(
     models: list[str],
     data_paths: list[str | Path] | None = None,
     overrides: dict[str, dict] | None = None,
     device: DeviceInfo | None = None,
+    measure_on: list[DialogueSet] | None = None,
+    warn_share: float = DEFAULT_TRUNCATION_WARN_SHARE,
 ) -> list[Verdict]:
-    """Verdicts for every model, in order; an unknown name or bad config is a blocked verdict, not a crash."""
+    """Verdicts for every model, in order; an unknown name or bad config is a blocked verdict, not a crash. With
+    `measure_on` (labelled rows, the training rows first), each verdict carries its truncation report."""
     device = device or detect_device()
     data_problems = check_data(list(data_paths or []))
     verdicts = []
@@ -290,15 +337,60 @@ def run_preflight(
         verdict = check_model(cfg, device)
         for problem in data_problems:
             verdict.block(f"data: {problem}")
+        if measure_on:
+            check_truncation(verdict, cfg, measure_on, warn_share)
         verdicts.append(verdict)
     return verdicts
 
 
 def verdict_rows(verdicts: list[Verdict]) -> list[dict]:
-    """One row per verdict for `dialogsum.output.emit`: model, verdict, precision, estimate, reasons and notes."""
+    """One row per verdict for `dialogsum.output.emit`: model, verdict, precision, estimate, reasons, warnings and
+    notes."""
     return [
         {"model": v.model, "verdict": v.label, "precision": v.precision or "-",
          "est. memory": f"{v.estimate_gib:.1f} GiB" if v.estimate_gib is not None else "-",
-         "reasons / notes": v.reasons + v.notes}
+         "reasons / notes": v.reasons + [f"WARNING {w}" for w in v.warnings] + v.notes}
         for v in verdicts
     ]  # fmt: skip
+
+
+FITTING_COLUMN = f"cuts ≤ {percent(FIT_SHARE)} at"
+TRUNCATION_COLUMNS = ("model", "limit", "cut", *(f"p{p}" for p in PERCENTILES), FITTING_COLUMN, "warning")
+
+
+def truncation_rows(verdicts: list[Verdict], warn_share: float) -> list[dict]:
+    """Rows of the truncation table for `dialogsum.output.emit` (`TRUNCATION_COLUMNS`): one per model and limit,
+    or one saying why a model was not measured; none for verdicts measured on no rows."""
+    rows = []
+    for v in verdicts:
+        if v.truncation_problem:
+            rows.append({"model": v.model, "limit": "-", "warning": f"not measured: {v.truncation_problem}"})
+        for cut in v.truncation.limits if v.truncation else ():
+            above = cut.share > warn_share
+            rows.append({"model": v.model, "limit": f"{cut.setting} {cut.limit}", "cut": f"{cut.cut}/{cut.rows} ({cut.share:.1%})",
+                         **{f"p{p}": f"{length:.0f}" for p, length in cut.percentiles.items()},
+                         FITTING_COLUMN: str(cut.fits_99pct), "warning": f"WARNING above {percent(warn_share)}" if above else ""})  # fmt: skip
+    return rows
+
+
+def record_truncation(run_id: str, verdicts: list[Verdict], warn_share: float) -> None:
+    """Print the truncation table to stderr and log the measured reports on run `run_id` (params and metrics named
+    in `dialogsum.tracking`); nothing when no verdict was measured or tried."""
+    import sys
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric, Param
+
+    from dialogsum.output import emit
+    from dialogsum.truncation import tracking_records
+
+    rows = truncation_rows(verdicts, warn_share)
+    if not rows:
+        return
+    reports = [v.truncation for v in verdicts if v.truncation is not None]
+    emit(rows, TRUNCATION_COLUMNS, "preflight: truncation on the train + validation rows (tokenizer only)", stream=sys.stderr)
+    params, metrics = tracking_records(reports, warn_share)
+    now = int(time.time() * 1000)
+    mlflow.MlflowClient().log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+                                    params=[Param(k, str(v)) for k, v in params.items()])  # fmt: skip

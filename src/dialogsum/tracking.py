@@ -56,6 +56,15 @@ DEFAULT_CLOSE_BUDGET_S = 120.0  # how long a finishing run waits for an unreacha
 MLFLOW_STATUS = {"succeeded": "FINISHED", "skipped": "FINISHED", "killed": "KILLED", "failed": "FAILED", "pruned": "KILLED"}
 PRUNED_AT_TAG = "dialogsum.pruned_at_epoch"
 STARTED_AT_TAG = "dialogsum.started_at"  # epoch ms when a stage queued on a Ray cluster got its resources and started
+GPUS_TAG = "dialogsum.gpus"  # the GPUs (nvidia-smi indices, "2,3") the local executor pinned a stage to while it ran
+# Preflight's truncation report, logged on a pipeline's parent run per model and limit (`dialogsum.truncation`:
+# limit "source" = training.max_source_length, "target" = training.max_target_length, "new_tokens" =
+# generation.max_new_tokens), over the pipeline's train and validation rows.
+TRUNCATION_WARN_SHARE_PARAM = "truncation.warn_share"  # the share above which preflight warns
+TRUNCATION_ROWS_PARAM = "truncation.{model}.rows"  # rows measured
+TRUNCATION_LIMIT_PARAM = "truncation.{model}.{limit}.limit"  # the configured length
+TRUNCATION_FIT_PARAM = "truncation.{model}.{limit}.fits_99pct"  # the smallest length that cuts at most 1% of the rows
+TRUNCATION_SHARE_METRIC = "truncation.{model}.{limit}.cut_share"  # share of the rows longer than the configured length
 
 
 class RunPruned(Exception):

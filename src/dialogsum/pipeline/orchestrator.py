@@ -5,7 +5,9 @@
    `validation_fraction` of the train rows (by fname hash) become validation; every child reads the same files,
    so every score of the pipeline is on the same rows.
 1. Preflight every model at once, on the device the stages will get (this machine's, or the one the Ray cluster
-   reports); each blocked model becomes a FAILED child within seconds (no weights loaded).
+   reports); each blocked model becomes a FAILED child within seconds (no weights loaded). Each model's tokenizer
+   measures how many train and validation rows its length limits cut (`dialogsum.truncation`): a table on stderr,
+   a warning above `preflight.truncation_warn_share`, the shares logged on the parent run.
 2. Each remaining model trains in its own process (a stage), logging into a child run created as it starts
    (`$MLFLOW_RUN_ID`), so a crash, OOM or leaked GPU memory cannot touch another model; a stage that outlives its
    timeout (`timeouts.train`, or the model's own `timeout`) is killed and the child records why. The steps that need
@@ -37,11 +39,20 @@ import yaml
 
 from dialogsum.config import ConfigError, PipelineConfig, PipelineModel, load_pipeline_config, parse_config
 from dialogsum.data import DataRoles, load_data_roles, read_dialogues, sample_data_path, write_dialogues
-from dialogsum.pipeline.executors import LOG_ARTIFACT_DIR, Interrupted, LocalExecutor, Stage, StageProcess
-from dialogsum.pipeline.store import SELECTION_METRIC, SUPERSEDED_TAG, best_train_run, find_child, latest_children, succeeded
-from dialogsum.preflight import GIB, Verdict, run_preflight
+from dialogsum.pipeline.executors import DIALOGSUM, LOG_ARTIFACT_DIR, Interrupted, LocalExecutor, Stage, StageProcess
+from dialogsum.pipeline.store import (
+    SELECTION_METRIC,
+    SUPERSEDED_TAG,
+    best_train_run,
+    find_child,
+    gpus_label,
+    latest_children,
+    succeeded,
+)
+from dialogsum.preflight import GIB, Verdict, record_truncation, run_preflight
 from dialogsum.tracking import (
     Terminated,
+    GPUS_TAG,
     KIND_TAG,
     MODEL_TAG,
     STAGE_TAG,
@@ -274,8 +285,11 @@ class Pipeline:
         """Preflight every model on the executor's device (a blocked one becomes a FAILED child now), and a stage
         for each of the others: a new training, or the resumption of one stopped mid-way."""
         data_paths = [p for p in (self.files.train, self.files.validation, self.files.test) if p]
+        measure_on = [read_dialogues(path, require_summary=True) for path in (self.files.train, self.files.validation)]
+        warn_share = self.cfg.preflight.truncation_warn_share
         verdicts = run_preflight([m.name for m in models], data_paths, {m.name: m.overrides for m in models},
-                                 device=self.executor.device())  # fmt: skip
+                                 device=self.executor.device(), measure_on=measure_on, warn_share=warn_share)  # fmt: skip
+        record_truncation(self.parent_id, verdicts, warn_share)
         stages = []
         for model, verdict in zip(models, verdicts):
             if not verdict.ok:
