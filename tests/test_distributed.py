@@ -52,7 +52,7 @@ def _finish(process: subprocess.Popen, deadline: float) -> str:
 
 
 @pytest.fixture(scope="module")
-def trainings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[MlflowClient, str]]:
+def trainings(tmp_path_factory: pytest.TempPathFactory, slowdown: float) -> dict[str, tuple[MlflowClient, str]]:
     """The same tiny training launched on 2 processes and, at the same time, on one; each in its own SQLite store."""
     args = _train_args()
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(PROCESSES),
@@ -63,7 +63,7 @@ def trainings(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Mlflo
         "distributed": _launch(launcher + args, folders["distributed"]),
         "single": _launch([sys.executable, *args], folders["single"]),
     }
-    deadline = time.monotonic() + TIMEOUT_S
+    deadline = time.monotonic() + TIMEOUT_S * slowdown
     outputs = {name: _finish(process, deadline) for name, process in processes.items()}
     return {name: (MlflowClient(f"sqlite:///{folders[name] / 'mlflow.db'}"), outputs[name]) for name in processes}
 

@@ -2,7 +2,8 @@
 
 - `kill -9` in epoch 3 of 4, then `train --resume`: the same run finishes, each epoch's metrics logged once, and
   its final weights equal an uninterrupted run's (dropout on, so the restored RNG states matter).
-- SIGTERM to a pipeline during its first training: within grace + 10 s nothing of it is left, no run is RUNNING;
+- SIGTERM to a pipeline during its first training: within grace + 5 s (the 5 s × the machine's `slowdown`) nothing of
+  it is left: not the pipeline, no process carrying its marker ($DIALOGSUM_PIPELINE); no run is RUNNING;
   `pipeline --resume` continues that training from its checkpoint.
 - The tracking server is killed mid-training and restarted: the training completes with every metric, or ends
   FAILED with a local checkpoint that `--resume` continues. It never hangs.
@@ -10,6 +11,8 @@
 
 The only instrumentation: the `kill -9` test's training process wraps `train_epoch` so the SIGKILL lands at a
 known point (the second step of epoch 3); the kill itself is a real SIGKILL of a real process.
+
+Waits for a command or an event are bounded by hang guards (`HANG_S`) times the machine's `slowdown` (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -31,11 +34,16 @@ from tracking_server import free_port, mlflow_server
 
 from dialogsum.config import ROW_LIMITS
 from dialogsum.data import read_dialogues, sample_data_path, write_dialogues
+from dialogsum.pipeline.executors import describe_process, marked_processes, process_alive
 from dialogsum.pipeline.orchestrator import INTERRUPTED_REASON
+from dialogsum.tracking import PIPELINE_ENV
 from dialogsum.training.checkpoints import CHECKPOINT_EPOCH_TAG, checkpoint_root
 from dialogsum.training.recipe import RESUMED_FROM_TAG
 
 EPOCHS = 4
+HANG_S = 400  # a command or an event that has not come by then (times `slowdown`) never will
+GRACE_S = 5  # the interrupted pipeline's timeouts.grace
+SHUTDOWN_S = 5  # after the grace period, what the contract allows a stopped pipeline to finish in ("grace + 5 s")
 TRAIN_ROWS = 24  # 3 steps per epoch at kobart-tiny's batch size of 8
 DATA_ARGS = ["--train-data", str(sample_data_path("train")), "--validation-data", str(sample_data_path("dev"))]
 TRAIN_ARGS = ["train", "--model", "kobart-tiny", *DATA_ARGS, "--epochs", str(EPOCHS), "--max-train-samples",
@@ -77,7 +85,7 @@ def _env(tmp_path: Path, uri: str | None = None, **extra: str) -> dict[str, str]
     return env
 
 
-def _dialogsum(args: list[str], tmp_path: Path, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+def _dialogsum(args: list[str], tmp_path: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dialogsum", *args], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=timeout)  # fmt: skip
 
@@ -112,14 +120,15 @@ def _checkpointed_training(client: MlflowClient, experiment: str = "dialogsum"):
     return next((r for r in runs if CHECKPOINT_EPOCH_TAG in r.data.tags), None)
 
 
-def test_kill_9_in_epoch_3_then_resume_finishes_the_same_run_with_an_uninterrupted_runs_weights(tmp_path: Path):
+def test_kill_9_in_epoch_3_then_resume_finishes_the_same_run_with_an_uninterrupted_runs_weights(tmp_path: Path, slowdown: float):
     env = _env(tmp_path)
+    hang_s = HANG_S * slowdown
     uri = env["MLFLOW_TRACKING_URI"]
     whole = subprocess.Popen([sys.executable, "-m", "dialogsum", *TRAIN_ARGS], cwd=tmp_path, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     killed = subprocess.run([sys.executable, "-c", KILL_IN_EPOCH_3, *TRAIN_ARGS], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
-    whole_output, _ = whole.communicate(timeout=300)
+                            capture_output=True, text=True, timeout=hang_s)  # fmt: skip
+    whole_output, _ = whole.communicate(timeout=hang_s)
     assert whole.returncode == 0, whole_output[-3000:]
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
 
@@ -131,16 +140,16 @@ def test_kill_9_in_epoch_3_then_resume_finishes_the_same_run_with_an_uninterrupt
     assert interrupted.data.tags[CHECKPOINT_EPOCH_TAG] == "2"
     assert _steps(client, run_id, "val_final") == [1, 2]
 
-    refused = _dialogsum(["train", "--resume", run_id, *DATA_ARGS, "--set", "training.learning_rate=0.5"], tmp_path, env)
+    refused = _dialogsum(["train", "--resume", run_id, *DATA_ARGS, "--set", "training.learning_rate=0.5"], tmp_path, env, hang_s)
     assert refused.returncode == 1
     assert "in 1 key(s): training.learning_rate: 0.001 → 0.5" in " ".join(refused.stderr.split()), refused.stderr
     other_rows = _dialogsum(["train", "--resume", run_id, "--train-data", str(sample_data_path("dev")),
-                             "--validation-data", str(sample_data_path("train"))], tmp_path, env)  # fmt: skip
+                             "--validation-data", str(sample_data_path("train"))], tmp_path, env, hang_s)  # fmt: skip
     assert other_rows.returncode == 1 and "data.training.file_digest" in other_rows.stderr, other_rows.stderr
     assert client.get_run(run_id).info.status == "RUNNING", "a refused resume leaves the run as it was"
 
     shutil.rmtree(checkpoint_root(run_id))  # as on another machine: the checkpoints come from the run's artifacts
-    resumed = _dialogsum(["train", "--resume", run_id, *DATA_ARGS], tmp_path, env)
+    resumed = _dialogsum(["train", "--resume", run_id, *DATA_ARGS], tmp_path, env, hang_s)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["dialogsum.status"] == "succeeded"
@@ -173,44 +182,68 @@ def _pipeline_config(tmp_path: Path) -> Path:
                    {"name": "llama-tiny", "overrides": {"training.epochs": 1, "training.max_train_samples": 8,
                                                         "generation.max_new_tokens": 4}}],
         "steps": ["train"],
-        "timeouts": {"grace": 5},
+        "timeouts": {"grace": GRACE_S},
     }  # fmt: skip
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path
 
 
-def _alive(processes: list[psutil.Process]) -> list[str]:
-    left = []
-    for p in processes:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                left.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
-        except psutil.NoSuchProcess:
-            pass
-    return left
+def pipeline_marker(started: list[psutil.Process]) -> str:
+    """The marker ($DIALOGSUM_PIPELINE) a pipeline gave the processes it started, read from their environments (the
+    pipeline set it on itself after it started: its own does not show it); each must carry the same one."""
+    markers = {p.pid: p.environ().get(PIPELINE_ENV) for p in started}
+    assert started and len(set(markers.values())) == 1 and None not in markers.values(), f"pid → marker: {markers}"
+    return next(iter(markers.values()))
 
 
-def test_sigterm_to_a_pipeline_leaves_no_process_and_no_running_run_and_resume_continues(tmp_path: Path):
+def left_after_signal(pipeline: subprocess.Popen, sig: signal.Signals, watched: list[psutil.Process], marker: str,
+                      bound_s: float) -> tuple[str, float, list[str]]:  # fmt: skip
+    """Send `sig` to `pipeline` and watch it stop: (its output, seconds from the signal until nothing of it was left or
+    `bound_s` passed, what of it was still alive then: any of `watched` (the pipeline among them), any process
+    carrying `marker`)."""
+    start = time.monotonic()
+    pipeline.send_signal(sig)
+    try:
+        output, _ = pipeline.communicate(timeout=bound_s)
+    except subprocess.TimeoutExpired:
+        output = None
+    while True:
+        left = {p.pid: p for p in [*watched, *marked_processes(marker)] if process_alive(p)}
+        if not left or time.monotonic() - start >= bound_s:
+            break
+        time.sleep(0.2)
+    elapsed = time.monotonic() - start
+    described = [describe_process(p) for p in left.values()]
+    if output is None:
+        pipeline.kill()
+        output, _ = pipeline.communicate()
+    return output, elapsed, described
+
+
+def test_sigterm_to_a_pipeline_leaves_no_process_and_no_running_run_and_resume_continues(tmp_path: Path, slowdown: float, slowdown_now):
     env = _env(tmp_path)
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     pipeline = subprocess.Popen([sys.executable, "-m", "dialogsum", "pipeline", "--config", str(_pipeline_config(tmp_path))],
                                 cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
-        training = _wait_for(lambda: _checkpointed_training(client), 240, "the first training's first checkpoint", pipeline)
+        training = _wait_for(lambda: _checkpointed_training(client), HANG_S * slowdown, "the first training's first checkpoint", pipeline)
         family = [psutil.Process(pipeline.pid), *psutil.Process(pipeline.pid).children(recursive=True)]
         assert len(family) >= 2, "the training runs in a process of its own"
-        start = time.monotonic()
-        pipeline.send_signal(signal.SIGTERM)
-        output, _ = pipeline.communicate(timeout=5 + 10)
-        elapsed = time.monotonic() - start
+        marker = pipeline_marker(family[1:])
+        assert {p.pid for p in family[1:]} <= {p.pid for p in marked_processes(marker)}, "found by the marker"
+        load = slowdown_now()  # with the training running, as it loads the machine while the pipeline stops
+        bound_s = GRACE_S + SHUTDOWN_S * load
+        output, elapsed, left = left_after_signal(pipeline, signal.SIGTERM, family, marker, bound_s)
     finally:
         if pipeline.poll() is None:
             pipeline.kill()
+    print(f"SIGTERM: nothing of the pipeline left after {elapsed:.1f} s (bound {bound_s:.1f} s, slowdown {load:.2f})")
+    assert not left, (f"alive {bound_s:.1f} s after SIGTERM (grace {GRACE_S} s + {SHUTDOWN_S} s × slowdown {load:.2f}): "
+                      + "; ".join(left) + "\n" + output[-3000:])  # fmt: skip
     assert pipeline.returncode == 130, output[-3000:]
     assert "continue with: dialogsum pipeline --resume" in " ".join(output.split())
-    assert not _alive(family), _alive(family)
-    assert elapsed < 5 + 10
+    assert "left behind" not in output, "every process ended on its own: the pipeline's last resort found none"
 
     experiment = client.get_experiment_by_name("dialogsum").experiment_id
     runs = client.search_runs([experiment])
@@ -225,7 +258,7 @@ def test_sigterm_to_a_pipeline_leaves_no_process_and_no_running_run_and_resume_c
     assert never_started.data.tags["dialogsum.reason"] == INTERRUPTED_REASON
     assert "report.html" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
-    resumed = _dialogsum(["pipeline", "--resume", parent.info.run_id], tmp_path, env, timeout=400)
+    resumed = _dialogsum(["pipeline", "--resume", parent.info.run_id], tmp_path, env, HANG_S * slowdown)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     continued = client.get_run(training.info.run_id)
     assert continued.info.status == "FINISHED" and continued.data.tags["dialogsum.status"] == "succeeded"
@@ -238,7 +271,7 @@ def test_sigterm_to_a_pipeline_leaves_no_process_and_no_running_run_and_resume_c
     assert len(trained) == 1
 
 
-def test_tracking_server_killed_mid_training_then_restarted(tmp_path: Path):
+def test_tracking_server_killed_mid_training_then_restarted(tmp_path: Path, slowdown: float):
     backend = f"sqlite:///{tmp_path / 'server.db'}"
     port = free_port()
     with mlflow_server(backend, tmp_path / "server", port=port) as server:
@@ -248,12 +281,12 @@ def test_tracking_server_killed_mid_training_then_restarted(tmp_path: Path):
                 *[arg for k, v in SLOW_OVERRIDES.items() for arg in ("--set", f"{k}={v}")]]  # fmt: skip
         training = subprocess.Popen([sys.executable, "-m", "dialogsum", *args], cwd=tmp_path, env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-        run = _wait_for(lambda: _checkpointed_training(client), 240, "the training's first checkpoint", training)
+        run = _wait_for(lambda: _checkpointed_training(client), HANG_S * slowdown, "the training's first checkpoint", training)
         os.killpg(server.pid, signal.SIGKILL)
     time.sleep(3)
     with mlflow_server(backend, tmp_path / "server", port=port):
         try:
-            output, _ = training.communicate(timeout=240)  # never hangs
+            output, _ = training.communicate(timeout=HANG_S * slowdown)  # never hangs
         finally:
             if training.poll() is None:
                 training.kill()
@@ -266,7 +299,7 @@ def test_tracking_server_killed_mid_training_then_restarted(tmp_path: Path):
             assert training.returncode == 1, output[-3000:]
             assert after.data.tags["error.type"] and after.data.tags["dialogsum.status"] == "failed"
             assert (checkpoint_root(run_id) / "last").is_dir()
-            resumed = _dialogsum(["train", "--resume", run_id, *DATA_ARGS], tmp_path, env)
+            resumed = _dialogsum(["train", "--resume", run_id, *DATA_ARGS], tmp_path, env, HANG_S * slowdown)
             assert resumed.returncode == 0, resumed.stderr[-3000:]
             after = client.get_run(run_id)
             assert after.info.status == "FINISHED"
@@ -290,11 +323,11 @@ def full_disk(tmp_path: Path):
         subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
-def test_a_full_artifact_store_ends_the_run_failed_naming_the_cause(tmp_path: Path, full_disk: Path):
+def test_a_full_artifact_store_ends_the_run_failed_naming_the_cause(tmp_path: Path, full_disk: Path, slowdown: float):
     env = _env(tmp_path, MLFLOW_EXPERIMENT_NAME="full-disk")
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     client.create_experiment("full-disk", artifact_location=full_disk.as_uri())
-    done = _dialogsum(TRAIN_ARGS, tmp_path, env)
+    done = _dialogsum(TRAIN_ARGS, tmp_path, env, HANG_S * slowdown)
     assert done.returncode == 1, done.stderr[-3000:]
     assert "No space left on device" in " ".join(done.stderr.split()), done.stderr[-2000:]
     assert "Traceback" not in done.stderr

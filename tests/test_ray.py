@@ -3,9 +3,11 @@ real pipelines, real trainings, real signals and a real killed Ray worker:
 
 - trainings run at once (their runs' working intervals overlap in the store) and one over its timeout ends FAILED
   (`StageTimeout`) while the others finish;
-- a Ray worker killed with SIGKILL ends its child FAILED (`WorkerLost`, with what Ray reported); Ctrl-C (SIGINT to
-  the pipeline) then cancels the rest: no Ray task holds a CPU, no RUNNING run, no stage process left; `--resume`
-  on Ray finishes the pipeline;
+- a Ray worker killed with SIGKILL ends its child FAILED (`WorkerLost`, with what Ray reported); SIGTERM to the
+  pipeline then cancels the rest: within grace + 5 s (× the machine's `slowdown`) neither the pipeline nor any
+  process carrying its marker is left, no Ray task holds a CPU, no run is RUNNING; `--resume` on Ray finishes the
+  pipeline. (While Ray waits SIGINT and SIGTERM go through one handler; SIGTERM is the one Ray used to turn into a
+  SystemError.);
 - `dialogsum tune --executor ray --workers 2` runs two study workers as Ray tasks on one study;
 - a multi-node cluster with a SQLite store is refused before anything starts (the node count is simulated: the
   only thing here that cannot be real);
@@ -27,7 +29,7 @@ import mlflow
 import psutil
 import pytest
 import yaml
-from test_faults import _first_rows
+from test_faults import HANG_S, SHUTDOWN_S, _first_rows, left_after_signal, pipeline_marker
 from test_tune import SPACE
 
 from dialogsum.config import ConfigError
@@ -42,6 +44,8 @@ from dialogsum.tracking import KIND_TAG, STARTED_AT_TAG
 from dialogsum.training.checkpoints import CHECKPOINT_EPOCH_TAG
 
 GIB = 2**30
+GRACE_S = 5  # the interrupted pipeline's timeouts.grace
+RELEASE_S = 10  # how soon after a pipeline ends its Ray tasks' CPUs are free again (times `slowdown`)
 FAST = {"training.epochs": 1, "training.max_train_samples": 8, "generation.max_new_tokens": 4, "generation.num_beams": 1}
 # Slow enough to be stopped from outside: batch size 1, 24 steps per epoch.
 SLOW = {"training.epochs": 2, "training.batch_size": 1, "training.max_train_samples": 24, "generation.max_new_tokens": 4,
@@ -85,12 +89,12 @@ def _cpus_free() -> float:
     return ray.available_resources().get("CPU", 0.0)
 
 
-def test_trainings_run_at_once_and_one_over_its_timeout_fails_while_the_others_finish(ray_cluster, mlflow_store, tmp_path):
+def test_trainings_run_at_once_and_one_over_its_timeout_fails_while_the_others_finish(ray_cluster, mlflow_store, tmp_path, slowdown):
     half_a_cpu = {"resources.cpus": 0.5}  # three trainings at once on the module's 2 CPUs
     models = [{"name": "kobart-tiny", "overrides": {**FAST, **half_a_cpu}},
               {"name": "llama-tiny", "overrides": {**FAST, **half_a_cpu}},
               {"name": "qwen3-tiny-qlora", "timeout": 20, "overrides": {**SLOW, "training.epochs": 1000, "checkpoint.keep": "none", **half_a_cpu}}]  # fmt: skip
-    parent_id = run_pipeline(_config(tmp_path, models, executor="ray", timeouts={"train": 400, "grace": 5}))
+    parent_id = run_pipeline(_config(tmp_path, models, executor="ray", timeouts={"train": round(400 * slowdown), "grace": GRACE_S}))
 
     children = _children(parent_id)
     kobart, llama, qwen = (children[name][-1] for name in ("kobart-tiny", "llama-tiny", "qwen3-tiny-qlora"))
@@ -101,10 +105,14 @@ def test_trainings_run_at_once_and_one_over_its_timeout_fails_while_the_others_f
     assert a_start < b_end and b_start < a_end, "the two trainings worked at the same time"
     assert any(f.path.startswith("logs/") for f in mlflow.MlflowClient().list_artifacts(qwen.info.run_id, "logs")), "the worker logged the stage's log"
     assert mlflow.get_run(parent_id).data.params["executor"] == "ray"
-    deadline = time.monotonic() + 10
+    _await_cpus_free(RELEASE_S * slowdown)
+    assert _cpus_free() == 2, "no task holds a CPU after the pipeline"
+
+
+def _await_cpus_free(timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
     while _cpus_free() < 2 and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert _cpus_free() == 2, "no task holds a CPU after the pipeline"
 
 
 def _stage_processes(tracking_uri: str) -> dict[str, psutil.Process]:
@@ -132,50 +140,57 @@ def _wait(condition, timeout: float, what: str, process: subprocess.Popen):
     pytest.fail(f"timed out waiting for {what}")
 
 
-def test_a_lost_worker_fails_its_child_ctrl_c_cancels_the_rest_and_resume_finishes(ray_cluster, tmp_path):
+def test_a_lost_worker_fails_its_child_sigterm_cancels_the_rest_and_resume_finishes(ray_cluster, tmp_path, slowdown, slowdown_now):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
     # kobart is killed while it starts; llama trains long enough (3 epochs after its first checkpoint) to be
     # interrupted mid-training whatever the machine's load
     config = _config(tmp_path, [{"name": "kobart-tiny", "overrides": {**SLOW, "training.epochs": 1}}, {"name": "llama-tiny", "overrides": {**SLOW, "training.epochs": 4}}],
-                     timeouts={"grace": 5})  # the YAML says local; the command line says ray
+                     timeouts={"grace": GRACE_S})  # the YAML says local; the command line says ray
     command = [sys.executable, "-m", "dialogsum", "pipeline", "--config", str(config), "--executor", "ray", "--ray-address", ray_cluster]
     # the client creates the store's tables now: MLflow migrates a fresh SQLite store without a lock, so a client
     # opened while the pipeline creates them can break the pipeline's migration
     client = mlflow.MlflowClient(uri)
     pipeline = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    hang_s = HANG_S * slowdown
     try:
-        stages = _wait(lambda: (found := _stage_processes(uri)) and len(found) == 2 and found, 120, "two training processes", pipeline)
+        stages = _wait(lambda: (found := _stage_processes(uri)) and len(found) == 2 and found, hang_s, "two training processes", pipeline)
+        marker = pipeline_marker(list(stages.values()))
         by_model = {client.get_run(run_id).data.tags["dialogsum.model"]: (run_id, p) for run_id, p in stages.items()}
         lost_run, lost_stage = by_model["kobart-tiny"]
         lost_stage.parent().kill()  # the Ray worker running kobart's task: SIGKILL
-        lost = _wait(lambda: (r := client.get_run(lost_run)).data.tags.get("error.type") == "WorkerLost" and r, 60,
+        lost = _wait(lambda: (r := client.get_run(lost_run)).data.tags.get("error.type") == "WorkerLost" and r, hang_s,
                      "the lost worker's child to be closed", pipeline)  # fmt: skip
-        assert lost_stage.wait(timeout=10) is not None or not lost_stage.is_running(), "the stage died with its worker"
-        running_run = by_model["llama-tiny"][0]
-        _wait(lambda: CHECKPOINT_EPOCH_TAG in client.get_run(running_run).data.tags, 120, "llama's first checkpoint", pipeline)
+        died = lost_stage.wait(timeout=GRACE_S + SHUTDOWN_S * slowdown)  # SIGTERM from the kernel when its worker died
+        assert died is not None or not lost_stage.is_running(), "the stage died with its worker"
+        running_run, running_stage = by_model["llama-tiny"]
+        _wait(lambda: CHECKPOINT_EPOCH_TAG in client.get_run(running_run).data.tags, hang_s, "llama's first checkpoint", pipeline)
         assert client.get_run(running_run).info.status == "RUNNING", "llama is still training when the pipeline is interrupted"
-        pipeline.send_signal(signal.SIGINT)
-        output, _ = pipeline.communicate(timeout=60)
+        watched = [psutil.Process(pipeline.pid), running_stage]
+        load = slowdown_now()  # with llama training, as it loads the machine while the pipeline stops
+        bound_s = GRACE_S + SHUTDOWN_S * load
+        output, elapsed, left = left_after_signal(pipeline, signal.SIGTERM, watched, marker, bound_s)
     finally:
         if pipeline.poll() is None:
             pipeline.kill()
+    print(f"SIGTERM: nothing of the pipeline left after {elapsed:.1f} s (bound {bound_s:.1f} s, slowdown {load:.2f})")
+    assert not left, (f"alive {bound_s:.1f} s after SIGTERM (grace {GRACE_S} s + {SHUTDOWN_S} s × slowdown {load:.2f}): "
+                      + "; ".join(left) + "\n" + output[-3000:])  # fmt: skip
     assert pipeline.returncode == 130, output[-3000:]
+    assert "left behind" not in output, "every process ended on its own: the pipeline's last resort found none"
     assert lost.info.status == "FAILED" and "Ray: " in lost.data.tags["error.message"], lost.data.tags
     runs = client.search_runs([client.get_experiment_by_name("dialogsum").experiment_id])
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"], "no RUNNING run"
     interrupted = client.get_run(running_run)
     assert interrupted.info.status == "KILLED" and interrupted.data.tags["error.type"] == "Interrupted"
     assert not _stage_processes(uri), "no stage process left"
-    deadline = time.monotonic() + 10
-    while _cpus_free() < 2 and time.monotonic() < deadline:
-        time.sleep(0.5)
+    _await_cpus_free(RELEASE_S * slowdown)
     assert _cpus_free() == 2, "no Ray task left"
 
     parent = next(r for r in runs if r.data.tags[KIND_TAG] == "pipeline")
     assert parent.info.status == "KILLED"
     resumed = subprocess.run([sys.executable, "-m", "dialogsum", "pipeline", "--resume", parent.info.run_id, "--executor", "ray",
-                              "--ray-address", ray_cluster], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)  # fmt: skip
+                              "--ray-address", ray_cluster], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=hang_s)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     mlflow.set_tracking_uri(uri)
     latest = {model: runs[-1] for model, runs in _children(parent.info.run_id).items()}
@@ -183,14 +198,14 @@ def test_a_lost_worker_fails_its_child_ctrl_c_cancels_the_rest_and_resume_finish
     assert latest["llama-tiny"].info.run_id == running_run, "the interrupted training continued in its own run, from its checkpoint"
 
 
-def test_tune_runs_its_workers_as_ray_tasks_on_one_study(ray_cluster, mlflow_store, tmp_path):
+def test_tune_runs_its_workers_as_ray_tasks_on_one_study(ray_cluster, mlflow_store, tmp_path, slowdown):
     space = tmp_path / "space.yaml"
     space.write_text(SPACE, encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "dialogsum", "tune", "--executor", "ray", "--ray-address", ray_cluster, "--workers", "2",
                              "--model", "kobart-tiny", "--space", str(space), "--trials", "2", "--study", "on-ray", "--pruner", "none",
                              "--sampler", "random", "--seed", "1", "--metric", "val_loss", "--set", "training.epochs=1"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)  # fmt: skip
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_S * slowdown)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "worker-0: done" in result.stderr and "worker-1: done" in result.stderr
     parents = mlflow.search_runs(search_all_experiments=True, output_format="list",

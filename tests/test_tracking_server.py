@@ -24,7 +24,7 @@ from tracking_server import TrackingServer, free_port, query, team_server  # noq
 
 from dialogsum.config import ROW_LIMITS
 from dialogsum.data import read_dialogues, sample_data_path, write_dialogues
-from dialogsum.tracking import STATUS_TAG, TrackingError, configure_tracking, load_predictions, tracked_run
+from dialogsum.tracking import SERVER_PROBE_TIMEOUT_S, STATUS_TAG, TrackingError, configure_tracking, load_predictions, tracked_run
 from dialogsum.training.recipe import EPOCH_METRICS
 
 EPOCHS = 2
@@ -316,17 +316,17 @@ def silent_server() -> Iterator[str]:
 
 
 @pytest.mark.parametrize("kind", ["closed port", "silent server"])
-def test_unreachable_server_fails_within_seconds(kind, silent_server, monkeypatch):
+def test_unreachable_server_fails_within_seconds(kind, silent_server, monkeypatch, slowdown):
     uri = silent_server if kind == "silent server" else f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     start = time.perf_counter()
     with pytest.raises(TrackingError, match="unreachable") as failed:
         configure_tracking()
-    assert time.perf_counter() - start < 10
+    assert time.perf_counter() - start < SERVER_PROBE_TIMEOUT_S[1] + 5 * slowdown  # the probe's read timeout, then CPU
     assert uri in str(failed.value) and "MLFLOW_TRACKING_URI" in str(failed.value)
 
 
-def test_cli_names_the_unreachable_server(silent_server):
+def test_cli_names_the_unreachable_server(silent_server, slowdown):
     """The whole command, interpreter start-up and imports included, ends with one clear line instead of MLflow's
     minutes of retries (the network wait itself is bounded to seconds above)."""
     start = time.perf_counter()
@@ -337,7 +337,7 @@ def test_cli_names_the_unreachable_server(silent_server):
     assert done.returncode == 1, output[-3000:]
     assert f"MLflow tracking server {silent_server} is unreachable" in " ".join(output.split())
     assert "Traceback" not in output
-    assert elapsed < 90, elapsed
+    assert elapsed < 90 * slowdown, f"{elapsed:.1f} s (bound 90 s × slowdown {slowdown:.2f})"
 
 
 def test_a_dataset_insert_lost_to_a_concurrent_run_is_logged_again(mlflow_store, monkeypatch):

@@ -39,12 +39,12 @@ def worker_env(module_store) -> dict:
             "OMP_NUM_THREADS": "1", "DIALOGSUM_TUNE_HEARTBEAT_S": "1", "DIALOGSUM_TUNE_GRACE_S": "4"}  # fmt: skip
 
 
-def test_two_workers_share_one_postgresql_study_and_a_killed_workers_trial_is_failed_and_retried(space_file, module_store, worker_env):
+def test_two_workers_share_one_postgresql_study_and_a_killed_workers_trial_is_failed_and_retried(space_file, module_store, worker_env, slowdown):
     ensure_postgres()
     with fresh_database("optuna") as storage:
         first = _worker(space_file, storage, 3, module_store, worker_env)
         second = _worker(space_file, storage, 3, module_store, worker_env)
-        outputs = [p.communicate(timeout=600)[0] for p in (first, second)]
+        outputs = [p.communicate(timeout=600 * slowdown)[0] for p in (first, second)]
         assert first.returncode == 0 and second.returncode == 0, outputs
         parents = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                      filter_string=f"tags.`{STUDY_TAG}` = 'shared' and tags.`{KIND_TAG}` = 'tune'")  # fmt: skip
@@ -57,7 +57,7 @@ def test_two_workers_share_one_postgresql_study_and_a_killed_workers_trial_is_fa
 
         # A worker killed in the middle of a trial: its trial FAIL (no heartbeat), its run FAILED (WorkerLost), retried.
         victim = _worker(space_file, storage, 5, module_store, worker_env)
-        deadline, running = time.monotonic() + 240, []
+        deadline, running = time.monotonic() + 240 * slowdown, []
         while time.monotonic() < deadline and not running:  # a trial of the victim whose training run has started
             time.sleep(0.5)
             running = [t for t in _study("shared", storage).get_trials() if t.state.name == "RUNNING" and trial_runs("shared", t.number)]
@@ -66,7 +66,7 @@ def test_two_workers_share_one_postgresql_study_and_a_killed_workers_trial_is_fa
         victim.wait(timeout=30)
         time.sleep(6)  # past the grace period
         rescuer = _worker(space_file, storage, 5, module_store, worker_env)
-        assert rescuer.communicate(timeout=600)[0] is not None and rescuer.returncode == 0
+        assert rescuer.communicate(timeout=600 * slowdown)[0] is not None and rescuer.returncode == 0
         lost = _study("shared", storage).trials[running[0].number]
         assert lost.state.name == "FAIL"
         [lost_run] = trial_runs("shared", lost.number)

@@ -333,8 +333,10 @@ def pipeline(
 
     if (config is None) == (resume is None):
         _fail(ValueError("give exactly one of --config or --resume"))
+    marker = mark_pipeline_processes()  # before anything starts: every process started from here on carries it
     try:
-        parent_id = run_pipeline(config, resume_run_id=resume, executor=executor, ray_address=ray_address)
+        parent_id = run_pipeline(config, resume_run_id=resume, executor=executor, ray_address=ray_address,
+                                 max_concurrency=max_concurrency)  # fmt: skip
     except (ConfigError, TrackingError) as e:
         _fail(e)
     except (KeyboardInterrupt, Terminated):
@@ -344,6 +346,12 @@ def pipeline(
         hint = f"; continue with: dialogsum pipeline --resume {last.info.run_id}" if last else ""
         console.print(f"[red]interrupted[/red]: the running stage was stopped and the runs ended KILLED{hint}", soft_wrap=True)
         raise typer.Exit(130)
+    finally:
+        left = stop_marked_processes(marker, ORPHAN_GRACE_S)
+        if left:
+            from rich.markup import escape
+
+            console.print(f"[yellow]stopped {len(left)} process(es) the pipeline had left behind[/yellow]: {escape('; '.join(left))}", soft_wrap=True)
     _say(f"pipeline parent run {parent_id}\nopen: {ui_hint(parent_id)}")
 
 

@@ -483,6 +483,12 @@ class PipelineConfig(StrictModel):
         duplicates = sorted({m.name for m in self.models if names.count(normalize_name(m.name)) > 1})
         if duplicates:
             raise ValueError(f"models listed twice: {duplicates}")
+        if self.gpus is not None:
+            if self.executor != "local":
+                raise ValueError("gpus: lists this machine's GPUs for executor local; a Ray cluster's GPUs are those its "
+                                 "nodes were started with (`ray start --num-gpus`, their CUDA_VISIBLE_DEVICES)")  # fmt: skip
+            if any(i < 0 for i in self.gpus) or len(set(self.gpus)) != len(self.gpus):
+                raise ValueError(f"gpus: {self.gpus}: GPU indices are 0 or more, each listed once")
         for m in self.models:
             limited = sorted(set(m.overrides) & set(ROW_LIMITS))
             if limited:

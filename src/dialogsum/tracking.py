@@ -46,6 +46,9 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 UI_QUERY = "workflowType=machine_learning"  # the UI's model-training mode
 SYSTEM_METRICS_ENV = "DIALOGSUM_SYSTEM_METRICS"
+# A pipeline's id in the environment of every process it starts (stages, a Ray started for it and Ray's workers),
+# set by `dialogsum pipeline` on itself first: how the processes it leaves behind are found.
+PIPELINE_ENV = "DIALOGSUM_PIPELINE"
 SOURCE_NAME_TAG = "mlflow.source.name"
 NOTE_TAG = "mlflow.note.content"
 INHERITED_TAGS = ("mlflow.user", "mlflow.source.type", "mlflow.source.git.commit", "mlflow.source.git.branch",

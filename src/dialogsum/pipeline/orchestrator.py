@@ -16,9 +16,11 @@
    preconditions are missing becomes a SKIPPED child (no API key, fewer than two usable sources, no successful model).
 4. The parent logs the success/failure matrix, summary metrics and tags, the best model, and the report.
 
-Where stages run is the executor's business (`dialogsum.pipeline.executors`): `local` runs a round's stages one
-after another here; `ray` runs them as Ray tasks, at once where the cluster's resources and `ray.max_concurrency`
-allow. Tracking, failure semantics and resume are the same for both.
+Where stages run is the executor's business (`dialogsum.pipeline.executors`): `local` runs a round's stages here,
+one after another on a machine without GPUs, and at once where the GPUs hold them on a GPU machine (each pinned to
+its own GPUs, recorded on its child as `dialogsum.gpus`); `ray` runs them as Ray tasks, at once where the cluster's
+resources allow. `max_concurrency` caps the trainings running at once with either. Tracking, failure semantics and
+resume are the same for both.
 
 `--resume PARENT_RUN_ID` reruns, under the same parent, only the children that failed or never ran; a training
 killed, lost or timed out mid-way continues from its last checkpoint in the same child run (`train --resume`), and
@@ -234,7 +236,7 @@ class Pipeline:
     def _run_stages(self, stages: list[Stage]) -> None:
         """Run `stages` through the executor; whatever stops it, no stage that started is left with a RUNNING run."""
         try:
-            self.executor.run_all(stages, self._started, self._finished, self.cfg.ray.max_concurrency)
+            self.executor.run_all(stages, self._started, self._finished, self.cfg.max_concurrency)
         except Interrupted as e:
             _close_unfinished(self.in_flight, "killed", "Interrupted", str(e), e.log_tails)
             raise
@@ -247,20 +249,25 @@ class Pipeline:
             raise
 
     def _started(self, stage: Stage) -> None:
-        """A stage starts: its child run is created now (a resumed training has its own), the run it reruns is
-        marked superseded."""
+        """A stage starts: its child run is created now (a resumed training has its own), the GPUs it was pinned to
+        are tagged on it, the run it reruns is marked superseded."""
         import mlflow
 
         self.unstarted.remove((stage.kind, stage.name if stage.kind == "train" else _STEP_OF_KIND[stage.kind]))
         if stage.run_id is None:
             stage.run_id = create_child_run(self.parent_id, stage.name, stage.kind, {MODEL_TAG: stage.name})
         self.in_flight.append(stage)
+        on_gpus = ""
+        if stage.gpus is not None:
+            held = ",".join(map(str, stage.gpus))
+            mlflow.MlflowClient().set_tag(stage.run_id, GPUS_TAG, held)
+            on_gpus = f" on {gpus_label(held)}"
         previous = self.superseded.get(stage.name)
         if previous:
             mlflow.MlflowClient().set_tag(previous, SUPERSEDED_TAG, stage.run_id)
         resumed = stage.resumed_from_epoch is not None
         target = f"resuming run {stage.run_id} from epoch {stage.resumed_from_epoch}" if resumed else f"run {stage.run_id}"
-        self.console.print(f"[bold]{stage.kind}[/bold] {stage.name} → {target}")
+        self.console.print(f"[bold]{stage.kind}[/bold] {stage.name} → {target}{on_gpus}")
 
     def _finished(self, stage: Stage, done: StageProcess) -> None:
         self.in_flight.remove(stage)
@@ -309,7 +316,7 @@ class Pipeline:
                 run_id, epoch = None, None
                 command = ["train", "--model", cfg.name, *self._data_args(), *_set_args(model.overrides)]
             timeout = model.timeout or self.cfg.timeouts.train
-            stages.append(Stage("train", cfg.name, command, timeout, resources, "train", run_id, epoch))
+            stages.append(Stage("train", cfg.name, [*DIALOGSUM, *command], timeout, resources, "train", run_id, epoch))
         return stages
 
     def _step_stages(self, steps: tuple[str, ...], children: list) -> list[Stage]:
@@ -413,7 +420,7 @@ class Pipeline:
         return self._stage("predict", "predict", command, self.cfg.timeouts.predict)
 
     def _stage(self, name: str, kind: str, command: list[str], timeout_s: float) -> Stage:
-        return Stage(kind, name, command, timeout_s, self.executor.resources(kind, cpus=self.cfg.ray.stage_cpus))
+        return Stage(kind, name, [*DIALOGSUM, *command], timeout_s, self.executor.resources(kind, cpus=self.cfg.ray.stage_cpus))
 
 
 def resumable(run) -> bool:
@@ -482,8 +489,9 @@ def summarize_parent(parent_id: str) -> tuple[dict[str, str], dict[str, float]]:
 
 
 def run_pipeline(config_path: str | Path | None = None, resume_run_id: str | None = None, executor: str | None = None,
-                 ray_address: str | None = None) -> str:  # fmt: skip
-    """Run (or resume) a pipeline; returns the parent run id. `executor` and `ray_address` override the config's.
+                 ray_address: str | None = None, max_concurrency: int | None = None) -> str:  # fmt: skip
+    """Run (or resume) a pipeline; returns the parent run id. `executor`, `ray_address` and `max_concurrency`
+    override the config's.
     The parent ends FINISHED even when children fail: their failures are data, recorded in the matrix and the report."""
     import mlflow
 
@@ -496,7 +504,7 @@ def run_pipeline(config_path: str | Path | None = None, resume_run_id: str | Non
         if config_path is None:
             raise ValueError("give a pipeline config or --resume PARENT_RUN_ID")
         cfg = load_pipeline_config(config_path)
-    cfg = with_executor(cfg, executor, ray_address)
+    cfg = with_command_line(cfg, executor, ray_address, max_concurrency)
     runner = make_executor(cfg)
     try:
         _check_optimize_step(cfg, config_path or f"the config of run {resume_run_id}", runner.device().kind)
@@ -526,20 +534,24 @@ def run_pipeline(config_path: str | Path | None = None, resume_run_id: str | Non
     return parent.run_id
 
 
-def with_executor(cfg: PipelineConfig, executor: str | None, ray_address: str | None) -> PipelineConfig:
-    """The config with the command line's `--executor` / `--ray-address` applied (validated like the YAML)."""
+def with_command_line(cfg: PipelineConfig, executor: str | None, ray_address: str | None,
+                      max_concurrency: int | None) -> PipelineConfig:  # fmt: skip
+    """The config with the command line's `--executor` / `--ray-address` / `--max-concurrency` applied (validated
+    like the YAML)."""
     data = cfg.model_dump(by_alias=True)
     if executor is not None:
         data["executor"] = executor
     if ray_address is not None:
         data["ray"]["address"] = ray_address
+    if max_concurrency is not None:
+        data["max_concurrency"] = max_concurrency
     return parse_config(PipelineConfig, data, Path("the command line"))
 
 
 def make_executor(cfg: PipelineConfig):
     """The executor the config names (a Ray cluster is reached, or started, here)."""
     if cfg.executor == "local":
-        return LocalExecutor(cfg.timeouts.grace)
+        return LocalExecutor(cfg.timeouts.grace, cfg.gpus)
     from dialogsum.pipeline.ray_executor import RayExecutor
 
     return RayExecutor(cfg.timeouts.grace, cfg.ray.address)

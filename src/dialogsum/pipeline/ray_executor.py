@@ -1,6 +1,6 @@
 """Stages as Ray tasks (`executor: ray`): the same `python -m dialogsum <command>` each, run by `run_stage_process` on
 whichever node has the resources, at the same time where the cluster allows. Ray schedules; dialogsum only says
-what each stage needs (`StageResources`) and caps the concurrent trainings (`ray.max_concurrency`).
+what each stage needs (`StageResources`) and caps the concurrent trainings (`max_concurrency`).
 
 - A stage's child run is created when its task is submitted; the task tags it `dialogsum.started_at` (epoch ms)
   when it starts on a worker, so time spent waiting for resources shows.
@@ -19,15 +19,20 @@ what each stage needs (`StageResources`) and caps the concurrent trainings (`ray
 
 from __future__ import annotations
 
-import math
 import os
+import signal
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
+import psutil
+
 from dialogsum.config import ConfigError
 from dialogsum.pipeline.executors import (
+    DEVICE_STAGES,
     Finished,
     Interrupted,
     Stage,
@@ -36,12 +41,12 @@ from dialogsum.pipeline.executors import (
     Started,
     ignore_signals,
     run_stage_process,
+    stop_processes,
 )
-from dialogsum.tracking import STARTED_AT_TAG, Terminated
+from dialogsum.pipeline.gpu_scheduler import gpus_for_estimate
+from dialogsum.tracking import PIPELINE_ENV, STARTED_AT_TAG, Terminated
 
 RAY_EXTRA = 'pip install "dialogsum[ray]"'
-GPU_HEADROOM = 0.9  # a training asks for as many GPUs as its estimate needs at this share of each GPU's memory
-DEVICE_STAGES = ("tune", "kfold", "ensemble", "optimize", "predict")  # later steps that load models: one GPU each
 CANCEL_WAIT_S = 30  # after the grace period, how long a cancelled task may take to report before it is force-killed
 POLL_S = 1.0
 
@@ -119,6 +124,41 @@ def _describe(resources: dict) -> str:
                      for key in ("CPU", "GPU", "memory") if key in resources)  # fmt: skip
 
 
+@contextmanager
+def _signals_interrupt(received: list[str]) -> Iterator[None]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt, their name appended to `received`. Ray lets an exception raised by
+    a signal handler out of its calls (`ray.wait`, `ray.get`) only as KeyboardInterrupt or SystemExit: `Terminated`
+    came out of `ray.wait` as a SystemError and the pipeline ended FAILED instead of stopping its stages. The previous
+    handlers come back unless interrupted (then the signals stay ignored for the shutdown). Outside the main thread
+    nothing changes."""
+
+    def interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
+        received.append(signal.Signals(signum).name)
+        raise KeyboardInterrupt(received[-1])
+
+    try:
+        previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread
+        previous = {}
+    try:
+        yield
+    finally:
+        if not received:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _with_descendants(processes: list) -> list:
+    """`processes` (psutil.Process) and, for those still alive, every process under them."""
+    found = list(processes)
+    for process in processes:
+        try:
+            found += process.children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
 def _probe_device():
     from dialogsum.precision import detect_device
 
@@ -135,11 +175,14 @@ class RayExecutor:
         self.files: tuple[str, str] | None = None
         self._device = None
         self.started_here = not ray.is_initialized()
+        self.ray_processes: list = []  # the processes `ray.init` started here (none when it joined a cluster)
         if self.started_here:
+            before = {p.pid for p in psutil.Process().children()}
             try:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 raise ConfigError(f"cannot reach the Ray cluster at {address or 'auto'}: {e}") from e
+            self.ray_processes = [p for p in psutil.Process().children() if p.pid not in before]
         self.task = ray.remote(max_calls=1)(_stage_task)  # a fresh worker per stage: nothing carries over
 
     @staticmethod
@@ -181,7 +224,7 @@ class RayExecutor:
         on_gpu = device.kind == "cuda"
         if kind == "train":
             if gpus is None:
-                gpus = math.ceil(estimate_bytes / (GPU_HEADROOM * device.total_bytes)) if on_gpu and estimate_bytes else 0
+                gpus = gpus_for_estimate(estimate_bytes, device.total_bytes) if on_gpu and estimate_bytes else 0
             memory = int(estimate_bytes) if not gpus and estimate_bytes else None
             return StageResources(cpus=cpus, gpus=float(gpus), memory_bytes=memory)
         return StageResources(cpus=cpus, gpus=1.0 if on_gpu and kind in DEVICE_STAGES else 0.0)
@@ -199,8 +242,9 @@ class RayExecutor:
         import mlflow
 
         env = {"MLFLOW_TRACKING_URI": without_password(mlflow.get_tracking_uri())}
-        if os.environ.get("MLFLOW_EXPERIMENT_ID"):
-            env["MLFLOW_EXPERIMENT_ID"] = os.environ["MLFLOW_EXPERIMENT_ID"]
+        for name in ("MLFLOW_EXPERIMENT_ID", PIPELINE_ENV):  # the pipeline's marker: its stages carry it on every node
+            if os.environ.get(name):
+                env[name] = os.environ[name]
         return env
 
     def _submit(self, stage: Stage):
@@ -218,32 +262,35 @@ class RayExecutor:
 
         pending = list(stages)
         running: dict = {}  # task ref -> stage
-        try:
-            while pending or running:
-                for stage in list(pending):
-                    busy = sum(s.group == stage.group for s in running.values())
-                    if stage.group == "train" and max_concurrency and busy >= max_concurrency:
-                        continue
-                    pending.remove(stage)
-                    started(stage)
-                    problem = self.unschedulable(stage.resources)
-                    if problem:
-                        finished(stage, StageProcess(-1, False, 0.0, "", ("Unschedulable", problem)))
-                        continue
-                    running[self._submit(stage)] = stage
-                if running:
-                    done, _ = ray.wait(list(running), num_returns=1, timeout=POLL_S)
-                    for ref in done:
-                        stage = running.pop(ref)
-                        finished(stage, self._result(ref, stage))
-        except (KeyboardInterrupt, Terminated) as e:
-            ignore_signals()  # a second Ctrl-C must not cut the shutdown short
-            self._cancel(running)
-            raise Interrupted(f"pipeline interrupted ({type(e).__name__}): its Ray tasks were cancelled, each stopped its "
-                              f"stage with SIGTERM, then SIGKILL after {self.grace_s:.0f} s", {}) from e  # fmt: skip
-        except BaseException:
-            self._cancel(running)  # nothing is left running on the cluster, whatever failed here
-            raise
+        received: list[str] = []  # the signal that interrupted, by name
+        with _signals_interrupt(received):
+            try:
+                while pending or running:
+                    for stage in list(pending):
+                        busy = sum(s.group == stage.group for s in running.values())
+                        if stage.group == "train" and max_concurrency and busy >= max_concurrency:
+                            continue
+                        pending.remove(stage)
+                        started(stage)
+                        problem = self.unschedulable(stage.resources)
+                        if problem:
+                            finished(stage, StageProcess(-1, False, 0.0, "", ("Unschedulable", problem)))
+                            continue
+                        running[self._submit(stage)] = stage
+                    if running:
+                        done, _ = ray.wait(list(running), num_returns=1, timeout=POLL_S)
+                        for ref in done:
+                            stage = running.pop(ref)
+                            finished(stage, self._result(ref, stage))
+            except (KeyboardInterrupt, Terminated) as e:
+                ignore_signals()  # a second Ctrl-C must not cut the shutdown short
+                self._cancel(running)
+                why = received[-1] if received else type(e).__name__
+                raise Interrupted(f"pipeline interrupted ({why}): its Ray tasks were cancelled, each stopped its stage "
+                                  f"with SIGTERM, then SIGKILL after {self.grace_s:.0f} s", {}) from e  # fmt: skip
+            except BaseException:
+                self._cancel(running)  # nothing is left running on the cluster, whatever failed here
+                raise
 
     def _result(self, ref, stage: Stage) -> StageProcess:
         import ray
@@ -288,7 +335,12 @@ class RayExecutor:
                 pass
 
     def close(self) -> None:
+        """Disconnect; a Ray started here is shut down and waited for until its processes (and theirs: the workers)
+        have ended, SIGTERM, SIGKILL after the grace period. `ray.shutdown` returns once it has stopped the raylet,
+        while the workers, each in a session of its own, are still exiting: seconds later they were alive, orphaned."""
         import ray
 
         if self.started_here and ray.is_initialized():
+            started = _with_descendants(self.ray_processes)
             ray.shutdown()
+            stop_processes(started, self.grace_s)

@@ -21,7 +21,7 @@ from dialogsum.comparison import compare_logged, split_comparable
 from dialogsum.pipeline.matrix import build_matrix, html_page, matrix_html, pivot_matrix
 from dialogsum.pipeline.report_figures import curves_png, matrix_png, timeline_png
 from dialogsum.quantize import BASELINE as OPTIMIZE_BASELINE
-from dialogsum.pipeline.store import best_train_run, find_child, duration_s, latest_children, started_ms
+from dialogsum.pipeline.store import best_train_run, find_child, duration_s, held_gpus, latest_children, started_ms
 from dialogsum.sweeps.report import study_inputs
 from dialogsum.tracking import KIND_TAG, MODEL_TAG, REASON_TAG, STATUS_TAG, VAL_ROWS_TAG, run_metric
 
@@ -70,7 +70,7 @@ def _header(parent, children: list) -> list[str]:
     out = [f"# dialogsum report: {parent.info.run_name}", "",
            f"- parent run: `{parent.info.run_id}` (experiment {parent.info.experiment_id})",
            f"- started: {_when(parent.info.start_time)}; duration: {duration_text}; stages ran on: "
-           f"{_executor(params)}",
+           f"{_executor(params, children)}",
            f"- children: {tags.get('dialogsum.succeeded', '?')} succeeded, {tags.get('dialogsum.failed', '?')} failed, "
            f"{tags.get('dialogsum.skipped', '?')} skipped"]  # fmt: skip
     if best is not None:
@@ -85,8 +85,10 @@ def _header(parent, children: list) -> list[str]:
     return out
 
 
-def _executor(params: dict) -> str:
+def _executor(params: dict, children: list) -> str:
     if params.get("executor") != "ray":
+        if any(held_gpus(r) for r in children):
+            return "this machine's GPUs, at once where they had room (each stage on its own GPUs: see the timeline)"
         return "this machine, one after another"
     address = params.get("ray.address")
     where = address if address not in (None, "", "None") else "started for this pipeline"
@@ -94,12 +96,16 @@ def _executor(params: dict) -> str:
 
 
 def _timeline(parent, children: list) -> list[str]:
-    out = ["", "## Timeline", "", "| # | step | model | start (+s) | duration (s) | status |", "|---|---|---|---|---|---|"]
+    """The stages in start order; with a GPUs column when the local executor pinned stages to GPUs."""
+    pinned = any(held_gpus(r) for r in children)
+    columns = ["#", "step", "model", "start (+s)", "duration (s)", "status"] + (["GPUs"] if pinned else [])
+    out = ["", "## Timeline", "", f"| {' | '.join(columns)} |", "|" + "---|" * len(columns)]
     for i, run in enumerate(children, 1):
         offset = (started_ms(run) - parent.info.start_time) / 1000
         d = duration_s(run)
-        out.append(f"| {i} | {run.data.tags.get(KIND_TAG)} | {_name(run)} | {offset:.1f} | "
-                   f"{f'{d:.1f}' if d is not None else '—'} | {run.data.tags.get(STATUS_TAG)} |")  # fmt: skip
+        cells = [str(i), run.data.tags.get(KIND_TAG), _name(run), f"{offset:.1f}", f"{d:.1f}" if d is not None else "—",
+                 run.data.tags.get(STATUS_TAG)] + ([held_gpus(run) or "—"] if pinned else [])  # fmt: skip
+        out.append(f"| {' | '.join(str(c) for c in cells)} |")
     return out
 
 

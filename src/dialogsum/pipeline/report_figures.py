@@ -6,7 +6,7 @@ from pathlib import Path
 
 from dialogsum import figures
 from dialogsum.pipeline.matrix import STATUS_COLOURS, pivot_matrix, status_of
-from dialogsum.pipeline.store import started_ms
+from dialogsum.pipeline.store import held_gpus, started_ms
 from dialogsum.tracking import KIND_TAG, MODEL_TAG, STATUS_TAG
 
 
@@ -42,6 +42,8 @@ def curves_png(curves: dict[str, list[tuple[int, float]]], path: Path) -> Path |
 
 
 def timeline_png(parent, children: list, path: Path) -> Path:
+    """One bar per child from its start to its end, coloured by status, labelled with its step, model and the GPUs
+    it held."""
     t0 = parent.info.start_time
     fig, ax = figures.subplots(figsize=(7, 0.8 + 0.35 * max(len(children), 1)), dpi=100)
     for i, run in enumerate(children):
@@ -50,7 +52,13 @@ def timeline_png(parent, children: list, path: Path) -> Path:
         colour = STATUS_COLOURS.get(run.data.tags.get(STATUS_TAG, ""), "#cccccc")
         ax.barh(i, max(end - start, 0.2), left=start, color=colour, edgecolor="black")
     ax.set_yticks(range(len(children)))
-    ax.set_yticklabels([f"{r.data.tags.get(KIND_TAG)}: {r.data.tags.get(MODEL_TAG, r.info.run_name)}" for r in children], fontsize=8)
+    ax.set_yticklabels([timeline_label(r) for r in children], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("seconds since pipeline start")
     return figures.save(fig, path)
+
+
+def timeline_label(run) -> str:
+    """`train: kobart [GPU 3]`; without the brackets for a stage that was not pinned to GPUs."""
+    gpus = held_gpus(run)
+    return f"{run.data.tags.get(KIND_TAG)}: {run.data.tags.get(MODEL_TAG, run.info.run_name)}" + (f" [{gpus}]" if gpus else "")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dialogsum.tracking import KIND_TAG, MODEL_TAG, STARTED_AT_TAG, STATUS_TAG, run_metric
+from dialogsum.tracking import GPUS_TAG, KIND_TAG, MODEL_TAG, STARTED_AT_TAG, STATUS_TAG, run_metric
 
 SELECTION_METRIC = "val_final"
 SUPERSEDED_TAG = "dialogsum.superseded_by"  # on a step's child that a resumed pipeline ran again
@@ -54,3 +54,17 @@ def started_ms(run) -> int:
 def duration_s(run) -> float | None:
     """Seconds a stage worked (from `started_ms`), None while it runs."""
     return None if run.info.end_time is None else (run.info.end_time - started_ms(run)) / 1000
+
+
+def held_gpus(run) -> str | None:
+    """The GPUs the local executor pinned a stage to (`gpus_label`), or None when it was not pinned (a machine
+    without GPUs, a Ray task)."""
+    gpus = run.data.tags.get(GPUS_TAG)
+    return None if gpus is None else gpus_label(gpus)
+
+
+def gpus_label(gpus: str) -> str:
+    """`GPU 3`, `GPUs 2,3` or `no GPU` for a `dialogsum.gpus` value (`3`, `2,3`, empty)."""
+    if not gpus:
+        return "no GPU"
+    return f"GPU{'s' if ',' in gpus else ''} {gpus}"
