@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from dialogsum.pipeline.executors import Stage, StageProcess
+from dialogsum.pipeline.executors import DIALOGSUM, Stage, StageProcess
 from dialogsum.sweeps.tune import TuneError, TuneSettings, journal_path
 
 
@@ -77,7 +77,7 @@ def run_ray_workers(settings: TuneSettings, workers: int, address: str | None, g
         parent = study_parent(optuna.create_study(study_name=study, storage=opened, load_if_exists=True, direction=settings.direction),
                               opened, shared)  # fmt: skip
         resources = runner.resources("tune")
-        stages = [Stage("tune", f"worker-{i}", worker_command(settings, study, storage, None if settings.seed is None else settings.seed + i),
+        stages = [Stage("tune", f"worker-{i}", [*DIALOGSUM, *worker_command(settings, study, storage, None if settings.seed is None else settings.seed + i)],
                         None, resources) for i in range(workers)]  # fmt: skip
         failed: list[tuple[Stage, StageProcess]] = []
 
