@@ -9,15 +9,14 @@ verdict as a FAILED child run in the store, next to the original pipeline's 21 m
 the share of prompts and summaries that seed-full's lengths cut for each model: before (the seed's 512-token source
 for all six, 128-token targets and new tokens) and after (each model's own lengths). The real tokenizers are put in
 a temporary Hugging Face cache under the seed models' hub ids, so preflight loads them as it would the hub's: KoBART,
-Qwen3, Llama-3.1 (Bllossom-3B's vocabulary) and Mistral-7B (SOLAR's vocabulary) with SOLAR-10.7B-Instruct's chat
-template from its tokenizer_config.json. No Polyglot-Ko / KULLM tokenizer exists here: those two are measured with
+Qwen3, Llama-3.1 (Bllossom-3B's vocabulary) and Mistral-7B (SOLAR's vocabulary; SOLAR-10.7B-Instruct's chat
+template is the one its model config pins). No Polyglot-Ko / KULLM tokenizer exists here: those two are measured with
 two stand-ins, KoBART's (a Korean 30,000-piece vocabulary, as Polyglot-Ko's 30,003) and Llama-3's (byte-level BPE,
 as GPT-NeoX's). Then it prints `dialogsum preflight --config seed-full --data labeled.csv` as run with that cache.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -37,15 +36,6 @@ LABELLED = "data/dialogsum-ko/labeled.csv"
 # seed model -> the folder under tokenizers/ (shared/ or .test-assets/) with its real tokenizer or vocabulary
 REAL_TOKENIZERS = {"kobart": "kobart", "llama-3.2-korean-3b": "llama3", "qwen3-4b": "qwen3", "solar-10.7b": "mistral-7b"}
 STAND_INS = {"polyglot-ko-12.8b": ("kobart", "llama3"), "kullm-v2": ("kobart", "llama3")}
-# chat_template of upstage/SOLAR-10.7B-Instruct-v1.0's tokenizer_config.json (the Mistral-7B files carry none)
-SOLAR_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'system' %}{% if message['content']%}"
-    "{{'### System:\\n' + message['content']+'\\n\\n'}}{% endif %}{% elif message['role'] == 'user' %}"
-    "{{'### User:\\n' + message['content']+'\\n\\n'}}{% elif message['role'] == 'assistant' %}"
-    "{{'### Assistant:\\n'  + message['content']}}{% endif %}{% if loop.last and add_generation_prompt %}"
-    "{{ '### Assistant:\\n' }}{% endif %}{% endfor %}"
-)
-CHAT_TEMPLATES = {"solar-10.7b": SOLAR_CHAT_TEMPLATE}
 # seed-full before each model had its own lengths: the YAML anchor's 512-token source for all six, the model
 # configs' 128-token targets and max_new_tokens (KoBART's 100)
 BEFORE = {"training.max_source_length": 512, "training.max_target_length": 128, "generation.max_new_tokens": 128}
@@ -108,8 +98,8 @@ def main() -> None:
 
 
 def stand_in_cache(cache: Path, hub_ids: dict[str, str]) -> None:
-    """A Hugging Face cache at `cache` holding, under each seed model's hub id, its real tokenizer's files and the
-    chat template its own files carry; its config.json is filed as missing (the cache's `.no_exist/` marker), so
+    """A Hugging Face cache at `cache` holding, under each seed model's hub id, its real tokenizer's files; its
+    config.json is filed as missing (the cache's `.no_exist/` marker), so
     transformers loads the tokenizer without it and preflight finds no weights."""
     for model, folder_name in REAL_TOKENIZERS.items():
         source = tokenizer_folder(folder_name)
@@ -126,9 +116,6 @@ def stand_in_cache(cache: Path, hub_ids: dict[str, str]) -> None:
         for file in source.iterdir():
             if file.is_file() and file.name not in ("config.json", "SOURCE.txt"):
                 shutil.copy(file, snapshot / file.name)
-        if model in CHAT_TEMPLATES:
-            config = json.loads((snapshot / "tokenizer_config.json").read_text(encoding="utf-8"))
-            (snapshot / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATES[model]}), encoding="utf-8")
 
 
 def truncation_line(label: str, before, after) -> str:

@@ -5,7 +5,7 @@ tokenizer's BOS exactly once where the tokenizer defines one (none for Qwen3's, 
 Each model's config is loaded by dialogsum's own loader with its tokenizer pointed at a real tokenizer
 (`--set tokenizer.path=...`). Two stand-ins, because the real files are not on this machine:
 - SOLAR: `solar-tokenizer` is Mistral-7B's tokenizer (SOLAR-10.7B's exact 32,000-piece vocabulary) without a chat
-  template; the test sets SOLAR-10.7B-Instruct-v1.0's own template on it (`SOLAR_CHAT_TEMPLATE`).
+  template; SOLAR-10.7B-Instruct-v1.0's own template is pinned in its model config (`prompt.chat_template`).
 - Polyglot-Ko and KULLM: no tokenizer of theirs exists here. Their prompt is checked as rendered TEXT, and at token
   level with the Llama-3 tokenizer standing in (a byte-level BPE with a BOS, as GPT-NeoX's is byte-level).
 """
@@ -22,15 +22,6 @@ from dialogsum.data import read_dialogues
 from dialogsum.features import prompt_ids
 from dialogsum.models import load_tokenizer
 
-# upstage/SOLAR-10.7B-Instruct-v1.0's tokenizer_config.json chat_template, as huggingface/huggingface.js quotes it in
-# packages/jinja/test/e2e.test.js (its model card renders it with tokenize=False, then calls tokenizer(prompt)).
-SOLAR_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'system' %}{% if message['content']%}"
-    "{{'### System:\\n' + message['content']+'\\n\\n'}}{% endif %}{% elif message['role'] == 'user' %}"
-    "{{'### User:\\n' + message['content']+'\\n\\n'}}{% elif message['role'] == 'assistant' %}"
-    "{{'### Assistant:\\n'  + message['content']}}{% endif %}{% if loop.last and add_generation_prompt %}"
-    "{{ '### Assistant:\\n' }}{% endif %}{% endfor %}"
-)
 # nlpai-lab/KULLM templates/kullm.json "prompt_input" (commit 33ef2a461da1c6ffb191b5ff162c456b7ae35d28), which its
 # utils/prompter.py fills with str.format.
 KULLM_PROMPT_INPUT = ("아래는 작업을 설명하는 명령어와 추가 컨텍스트를 제공하는 입력이 짝을 이루는 예제입니다. 요청을 적절히 "
@@ -105,10 +96,11 @@ def test_solar_prompt_is_its_template_after_one_bos(real_asset, dialogue):
     and calls `tokenizer(prompt)`, which adds `<s>`; the template itself writes none. A dialogue cut to fit
     `max_source_length` keeps the BOS and the `### Assistant:` generation prompt."""
     cfg, tokenizer = seed_model("solar-10.7b", real_asset("solar-tokenizer"))
-    tokenizer.chat_template = SOLAR_CHAT_TEMPLATE  # the shared Mistral-7B files have no chat template (module docstring)
+    assert not tokenizer.chat_template, "the shared Mistral-7B files have none: the config's template is what renders"
     ids = prompt_ids(cfg, tokenizer, dialogue)
     first, last = edges(cfg.name, tokenizer, ids)
-    text = tokenizer.apply_chat_template(chat_messages(cfg, dialogue), tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(chat_messages(cfg, dialogue), chat_template=cfg.prompt.chat_template, tokenize=False,
+                                         add_generation_prompt=True)  # fmt: skip
     assert text.startswith("### System:\n" + cfg.prompt.system + "\n\n### User:\n") and text.endswith("\n\n### Assistant:\n")
     assert ids == tokenizer(text)["input_ids"]
     assert first[:4] == ["<s>", "▁###", "▁System", ":"] and last[-4:] == ["###", "▁Assistant", ":", "<0x0A>"]

@@ -3,15 +3,13 @@ summaries each length limit cuts, seed-full's per-model lengths against that mea
 configured share, and the shares recorded on a pipeline's parent run (a real SQLite MLflow store).
 
 Tokenizers only: `build_model` and transformers' `from_pretrained` of a model raise if anything tries to load
-weights. SOLAR's tokenizer is the Mistral-7B one in shared/ (SOLAR-10.7B's exact vocabulary) with SOLAR-10.7B-
-Instruct-v1.0's chat template from its tokenizer_config.json written beside it in a temporary folder.
+weights. SOLAR's tokenizer is the Mistral-7B one in shared/ (SOLAR-10.7B's exact vocabulary); SOLAR-10.7B-Instruct-v1.0's
+chat template is the one pinned in its model config.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -29,14 +27,6 @@ from dialogsum.preflight import run_preflight, truncation_rows
 from dialogsum.tracking import TRUNCATION_FIT_PARAM, TRUNCATION_ROWS_PARAM, TRUNCATION_SHARE_METRIC, TRUNCATION_WARN_SHARE_PARAM
 from dialogsum.truncation import FIT_SHARE, fitting_limit, limit_cut
 
-# upstage/SOLAR-10.7B-Instruct-v1.0's tokenizer_config.json chat_template (### System: / ### User: / ### Assistant:)
-SOLAR_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'system' %}{% if message['content']%}"
-    "{{'### System:\\n' + message['content']+'\\n\\n'}}{% endif %}{% elif message['role'] == 'user' %}"
-    "{{'### User:\\n' + message['content']+'\\n\\n'}}{% elif message['role'] == 'assistant' %}"
-    "{{'### Assistant:\\n'  + message['content']}}{% endif %}{% if loop.last and add_generation_prompt %}"
-    "{{ '### Assistant:\\n' }}{% endif %}{% endfor %}"
-)
 REAL_TOKENIZERS = {"kobart": "kobart-tokenizer", "llama-3.2-korean-3b": "llama3-tokenizer", "qwen3-4b": "qwen3-tokenizer",
                    "solar-10.7b": "solar-tokenizer"}  # fmt: skip
 SEED_CAP = {"training.max_source_length": 512}  # the YAML anchor seed-full applied to all six before
@@ -61,20 +51,8 @@ def no_weights() -> Iterator[None]:
         yield
 
 
-@pytest.fixture(scope="module")
-def solar_tokenizer_folder(real_asset: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Mistral-7B's tokenizer files (SOLAR's vocabulary) with SOLAR's chat template in their tokenizer_config.json."""
-    folder = tmp_path_factory.mktemp("solar-tokenizer")
-    for file in real_asset("solar-tokenizer").iterdir():
-        if file.is_file():
-            shutil.copy(file, folder / file.name)
-    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": SOLAR_CHAT_TEMPLATE}), encoding="utf-8")
-    return folder
-
-
-def tokenizer_path(model: str, real_asset: Callable[[str], Path], solar_folder: Path | None = None) -> str:
-    return str(solar_folder if model == "solar-10.7b" else real_asset(REAL_TOKENIZERS[model]))
+def tokenizer_path(model: str, real_asset: Callable[[str], Path]) -> str:
+    return str(real_asset(REAL_TOKENIZERS[model]))
 
 
 def seed_full_overrides(model: str) -> dict:
@@ -115,13 +93,13 @@ def test_fitting_limit_cuts_at_most_one_percent_and_no_smaller_limit_does() -> N
 
 
 @pytest.mark.real_assets("labeled", "kobart-tokenizer", "qwen3-tokenizer", "llama3-tokenizer", "solar-tokenizer")
-def test_seed_full_lengths_cut_at_most_one_percent_for_every_real_tokenizer(real_asset, labelled, solar_tokenizer_folder, no_weights) -> None:
+def test_seed_full_lengths_cut_at_most_one_percent_for_every_real_tokenizer(real_asset, labelled, no_weights) -> None:
     """seed-full's per-model lengths (each model's config) against the 400 labelled rows: no limit cuts more than
     1% of the prompts or summaries, so preflight warns about none; the counts are those of the lengths measured
     here with `full_prompt_ids` and `target_ids`."""
     verdicts = []
     for model in REAL_TOKENIZERS:
-        overrides = {**seed_full_overrides(model), "tokenizer.path": tokenizer_path(model, real_asset, solar_tokenizer_folder)}
+        overrides = {**seed_full_overrides(model), "tokenizer.path": tokenizer_path(model, real_asset)}
         verdict = measured(model, overrides, labelled)
         verdicts.append(verdict)
         report, cfg = verdict.truncation, verdict.config
@@ -144,16 +122,15 @@ def test_seed_full_lengths_cut_at_most_one_percent_for_every_real_tokenizer(real
 
 
 @pytest.mark.real_assets("labeled", "solar-tokenizer")
-def test_the_seed_512_cap_cuts_solar_prompts_and_preflight_warns(real_asset, labelled, solar_tokenizer_folder, no_weights) -> None:
+def test_the_seed_512_cap_cuts_solar_prompts_and_preflight_warns(real_asset, labelled, no_weights) -> None:
     """SOLAR under the seed's 512-token source and 128-token targets: the rows preflight counts as cut are exactly
     the rows whose training prompt (`prompt_ids`) and target (`target_ids`) lose tokens, and preflight warns."""
     overrides = {**seed_full_overrides("solar-10.7b"), **SEED_CAP, "training.max_target_length": 128,
-                 "generation.max_new_tokens": 128, "tokenizer.path": str(solar_tokenizer_folder)}  # fmt: skip
+                 "generation.max_new_tokens": 128, "tokenizer.path": tokenizer_path("solar-10.7b", real_asset)}  # fmt: skip
     verdict = measured("solar-10.7b", overrides, labelled)
     print_table([verdict])
     cfg, report = verdict.config, verdict.truncation
     tokenizer = load_tokenizer(cfg)
-    tokenizer.chat_template = SOLAR_CHAT_TEMPLATE
     prompts_cut = sum(prompt_ids(cfg, tokenizer, d) != full_prompt_ids(cfg, tokenizer, d) for d in labelled.dialogues)
     targets_cut = sum(target_ids(cfg, tokenizer, s)[:-1] != tokenizer(s, add_special_tokens=False)["input_ids"] for s in labelled.summaries)
     assert report.source.cut == prompts_cut and report.source.share > 0.25, report.source

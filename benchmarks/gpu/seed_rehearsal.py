@@ -58,15 +58,6 @@ from _assets import FETCHED_TOKENIZERS, labelled_rows, shared_roots, tokenizer_f
 GIB = real_size.GIB
 SEED_MODELS = ("kobart", "llama-3.2-korean-3b", "qwen3-4b", "solar-10.7b", "polyglot-ko-12.8b", "kullm-v2")
 REAL_TOKENIZERS = {"kobart": "kobart", "llama-3.2-korean-3b": "llama3", "qwen3-4b": "qwen3", "solar-10.7b": "mistral-7b"}
-# Mistral-7B's tokenizer files (SOLAR's vocabulary) carry no chat template: SOLAR's own, verbatim from the
-# tokenizer_config.json of upstage/SOLAR-10.7B-Instruct-v1.0.
-MODEL_CARD_CHAT_TEMPLATES = {
-    "solar-10.7b": "{% for message in messages %}{% if message['role'] == 'system' %}{% if message['content']%}"
-                   "{{'### System:\\n' + message['content']+'\\n\\n'}}{% endif %}{% elif message['role'] == 'user' %}"
-                   "{{'### User:\\n' + message['content']+'\\n\\n'}}{% elif message['role'] == 'assistant' %}"
-                   "{{'### Assistant:\\n'  + message['content']}}{% endif %}{% if loop.last and add_generation_prompt %}"
-                   "{{ '### Assistant:\\n' }}{% endif %}{% endfor %}",
-}  # fmt: skip
 NODE_GPUS = 8
 NODE_GPU_BYTES = 80 * GIB
 TIME_LIMIT_S = 450
@@ -134,9 +125,9 @@ def rehearsal_config(name: str, layers: int | None, pad_to_max_length: bool):
                                   "training": cfg.training.model_copy(update={"pad_to_max_length": pad_to_max_length})})  # fmt: skip
 
 
-def rehearsal_tokenizer(name: str, cfg, rows):
-    """(the model's tokenizer, how it was had): the real one, with its model card's chat template where the files
-    lack it, or one trained from the rows."""
+def rehearsal_tokenizer(cfg, rows):
+    """(the model's tokenizer, how it was had): the real one (its config's pinned chat template noted where the
+    tokenizer's files lack one), or one trained from the rows."""
     from dialogsum.models import load_tokenizer
 
     tokenizer = load_tokenizer(cfg, rows.dialogues + rows.summaries)
@@ -144,9 +135,8 @@ def rehearsal_tokenizer(name: str, cfg, rows):
         return tokenizer, (f"TRAINED from the rows: {len(tokenizer):,} tokens for a {cfg.tokenizer.vocab_size:,} vocabulary "
                            "(no real tokenizer of this model exists on these machines)")  # fmt: skip
     how = f"real: {cfg.tokenizer.path}"
-    if cfg.prompt.format == "chat" and not tokenizer.chat_template and name in MODEL_CARD_CHAT_TEMPLATES:
-        tokenizer.chat_template = MODEL_CARD_CHAT_TEMPLATES[name]
-        how += " + the model card's chat template"
+    if cfg.prompt.format == "chat" and cfg.prompt.chat_template and not tokenizer.chat_template:
+        how += " + the model card's chat template (prompt.chat_template)"
     return tokenizer, how
 
 
@@ -234,7 +224,7 @@ def measure_depth(name: str, layers: int | None, rows, steps: int, pad_to_max_le
     from dialogsum.precision import detect_device, resolve_precision
 
     cfg = rehearsal_config(name, layers, pad_to_max_length)
-    tokenizer, tokenizer_source = rehearsal_tokenizer(name, cfg, rows)
+    tokenizer, tokenizer_source = rehearsal_tokenizer(cfg, rows)
     policy = resolve_precision(cfg.precision, detect_device())
     encoded = tokenize_rows(cfg, tokenizer, rows.dialogues, rows.summaries, cache_dir() / "tokenized")
     order = training_order(cfg, encoded, steps * cfg.training.gradient_accumulation_steps)
@@ -357,7 +347,7 @@ def dry_run(args, rows, estimates: dict[str, float], compute_dtypes: dict[str, s
         depths = measured_depths(name)
         configs = [rehearsal_config(name, layers, args.pad_to_max_length) for layers in depths]
         cfg = configs[0]
-        tokenizer, tokenizer_source = rehearsal_tokenizer(name, cfg, rows)
+        tokenizer, tokenizer_source = rehearsal_tokenizer(cfg, rows)
         encoded = tokenize_rows(cfg, tokenizer, rows.dialogues, rows.summaries)
         order = training_order(cfg, encoded, args.steps * cfg.training.gradient_accumulation_steps)
         tokens = batch_tokens(cfg, encoded, order)

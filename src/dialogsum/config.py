@@ -75,14 +75,16 @@ class GenerationSettings(StrictModel):
 class PromptSettings(StrictModel):
     """How a dialogue becomes model input.
 
-    `seq2seq`: the dialogue is the encoder input. `chat`: the tokenizer's chat template with `system` and
-    `instruction`. `instruction`: the plain `template` (for tokenizers without a chat template).
+    `seq2seq`: the dialogue is the encoder input. `chat`: a chat template with `system` and `instruction`: the
+    model card's `chat_template` (Jinja) when the config pins one, else the tokenizer's own. `instruction`: the plain
+    `template` (for tokenizers without a chat template).
     """
 
     format: Literal["seq2seq", "chat", "instruction"] = "seq2seq"
     system: str = "당신은 한국어 대화를 요약하는 도우미입니다."
     instruction: str = "다음 대화를 한두 문장으로 요약하세요. #Person1# 같은 화자 태그는 그대로 쓰세요.\n\n{dialogue}"
     template: str = "### 대화:\n{dialogue}\n\n### 요약:\n"
+    chat_template: str | None = None
 
 
 class TrainingSettings(StrictModel):

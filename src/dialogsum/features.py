@@ -43,13 +43,15 @@ def prompt_ids(cfg: ModelConfig, tokenizer, dialogue: str) -> list[int]:
 
 def _render_prompt(cfg: ModelConfig, tokenizer, dialogue: str) -> list[int]:
     if cfg.prompt.format == "chat":
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(f"model '{cfg.name}': prompt.format 'chat' but the tokenizer has no chat template")
+        template = cfg.prompt.chat_template or getattr(tokenizer, "chat_template", None)
+        if not template:
+            raise ValueError(f"model '{cfg.name}': prompt.format 'chat' but neither prompt.chat_template nor the "
+                             "tokenizer has a chat template")  # fmt: skip
         messages = [
             {"role": "system", "content": cfg.prompt.system},
             {"role": "user", "content": cfg.prompt.instruction.format(dialogue=dialogue)},
         ]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
     else:
         text = cfg.prompt.template.format(dialogue=dialogue)
     return _led_by_one_bos(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])

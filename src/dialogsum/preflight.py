@@ -222,7 +222,10 @@ def check_model(cfg: ModelConfig, device: DeviceInfo) -> Verdict:
 
 def chat_template(cfg: ModelConfig) -> tuple[str | None, str]:
     """(problem, where): a `chat` prompt needs a tokenizer with a chat template. Read from the tokenizer's files
-    (a local folder, the Hugging Face cache, or a few KB from the hub when online), never from the weights."""
+    (a local folder, the Hugging Face cache, or a few KB from the hub when online), never from the weights; a
+    template pinned in the config (`prompt.chat_template`) needs none."""
+    if cfg.prompt.chat_template:
+        return None, "chat template: the model config's prompt.chat_template"
     source = cfg.tokenizer.path or cfg.hub_id
     if not source:
         return ("prompt.format 'chat' needs a tokenizer with a chat template, and this model trains its own "
