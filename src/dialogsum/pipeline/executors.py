@@ -333,16 +333,13 @@ def _stop(process: subprocess.Popen, grace_s: float) -> int:
 def _signal_group(group: int, sig: int) -> None:
     try:
         os.killpg(group, sig)
-    except ProcessLookupError:  # the group has ended already
+    except (ProcessLookupError, PermissionError):  # the group has ended already (or its pid went to another user)
         pass
 
 
 def _kill_leftovers(group: int) -> None:
     """A stage's own subprocesses (a DDP launch's workers) may outlive it; none may outlive the stage."""
-    try:
-        os.killpg(group, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    _signal_group(group, signal.SIGKILL)
 
 
 def mark_pipeline_processes() -> str:
